@@ -1,0 +1,136 @@
+"""The MEGA sub-layer: TimestepNorm -> CEMA -> RMSNorm -> normalised chunked attention -> gated output.
+
+Attention is block-diagonal over chunks of C tokens counted from the start of the request: a token
+attends causally to the keys of its own chunk only, so the per-request KV is at most one chunk.
+RoPE positions restart every chunk. Q/K are RMS-normalised per head, scaled by (1 + gamma)/sqrt(dz),
+shifted by beta, and the logits have no 1/sqrt(d) scale (the official kernel is called with 1.0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .cema import CEMA, cema_parallel
+from .norms import RMSNorm, TimestepNorm, head_rms_norm, stat_dtype_for
+
+
+class RotaryEmbedding(nn.Module):
+    """Interleaved-pair RoPE over the whole head (features 2i, 2i+1 form one complex number).
+
+    `freqs` [dz/2] is the official persistent buffer; it stays fp32 whatever the model dtype, and is
+    rounded to bf16 first only when `round_to_bf16` is set (what the official bf16 reload does).
+    """
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("freqs", inv.float())
+        self.round_to_bf16 = False
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: [B, L, H, dz]; positions: [B, L] within-chunk positions. Returns x rotated, stat dtype."""
+        sd = stat_dtype_for(x.dtype)
+        freqs = self.freqs.float()
+        if self.round_to_bf16:
+            freqs = freqs.bfloat16().float()
+        angles = positions.to(sd)[..., None] * freqs.to(sd)  # [B, L, dz/2]
+        cos, sin = torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]  # [B, L, 1, dz/2]
+        xf = x.to(sd)
+        even, odd = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class LayerState:
+    """Views of one layer's slice of the request state, for the rows being computed.
+
+    mean, var: [B, G]; cema_h: [B, D, N] complex; keys: [S, C, H, dz] and values: [S, C, H, dv] are
+    the whole pool's KV for this layer, addressed by `slot_ids` [B].
+    """
+
+    __slots__ = ("mean", "var", "cema_h", "keys", "values", "slot_ids")
+
+    def __init__(self, mean: Tensor, var: Tensor, cema_h: Tensor, keys: Tensor, values: Tensor,
+                 slot_ids: Tensor) -> None:
+        self.mean, self.var, self.cema_h = mean, var, cema_h
+        self.keys, self.values, self.slot_ids = keys, values, slot_ids
+
+
+class MovingAverageGatedAttention(nn.Module):
+    """The official `mega` sub-module (same parameter names)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, Z, E = cfg.model_dim, cfg.z_dim, cfg.value_dim
+        self.num_heads = cfg.num_heads
+        self.head_z_dim = cfg.head_z_dim
+        self.head_value_dim = cfg.head_value_dim
+        self.chunk_size = cfg.chunk_size
+        self.eps = cfg.norm_eps
+        self.timenorm = TimestepNorm(D, cfg.norm_num_groups, cfg.norm_eps)
+        self.cema = CEMA(D, cfg.cema_ndim)
+        self.rmsnorm = RMSNorm(D, cfg.norm_eps, affine=cfg.norm_affine)
+        self.wz = nn.Linear(D, Z)
+        self.wv = nn.Linear(D, E)
+        self.wr = nn.Linear(D, E)
+        self.wh1 = nn.Linear(D, D)
+        self.wh2 = nn.Linear(E, D, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(2, Z))
+        self.beta = nn.Parameter(torch.zeros(2, Z))
+
+    def forward(self, x: Tensor, count0: Tensor, fills: Tensor, st: LayerState, rope: RotaryEmbedding) -> Tensor:
+        """One segment of L tokens per row; each row's segment stays inside its current chunk.
+
+        Args:
+            x: [B, L, D] block input.
+            count0: [B] int64 tokens each row has processed before this segment.
+            fills: [B] int64 keys already in each row's current chunk (count0 mod C); fills + L <= C.
+            st: this layer's state for the B rows; updated in place (stats, CEMA state, KV).
+        Returns:
+            Y = X + Hout: [B, L, D].
+        """
+        B, L, D = x.shape
+        H, dz, dv = self.num_heads, self.head_z_dim, self.head_value_dim
+        x_hat, st.mean, st.var = self.timenorm(x, count0, st.mean, st.var)
+        sd = st.mean.dtype
+        cema_out, st.cema_h = cema_parallel(x_hat.to(sd), st.cema_h, self.cema.coeffs(sd))
+        mx = self.rmsnorm(cema_out.to(x.dtype))  # [B, L, D]
+
+        z = head_rms_norm(self.wz(mx).view(B, L, H, dz), self.eps)  # [B, L, H, dz], stat dtype
+        gamma = (1.0 + self.gamma.to(sd)).view(2, H, dz) / math.sqrt(dz)
+        beta = self.beta.to(sd).view(2, H, dz)
+        positions = fills[:, None] + torch.arange(L, device=x.device)  # [B, L]
+        q = rope.rotate(z * gamma[0] + beta[0], positions)
+        k = rope.rotate(z * gamma[1] + beta[1], positions)
+        v = F.silu(self.wv(x_hat)).view(B, L, H, dv)
+        r = F.silu(self.wr(mx))  # [B, L, E]
+
+        out = self._chunk_attention(q, k.to(st.keys.dtype), v.to(st.values.dtype), fills, st)
+        hout = self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
+        return x + hout
+
+    def _chunk_attention(self, q: Tensor, k: Tensor, v: Tensor, fills: Tensor, st: LayerState) -> Tensor:
+        """Append k/v at each row's fill position, attend over the row's chunk so far.
+
+        q: [B, L, H, dz] stat dtype; k: [B, L, H, dz], v: [B, L, H, dv] in the KV dtype.
+        Returns [B, L, H*dv] in the stat dtype. Query t of row b sees keys 0 .. fills[b] + t.
+        """
+        B, L, H, _ = q.shape
+        write_pos = fills[:, None] + torch.arange(L, device=q.device)  # [B, L]
+        rows = st.slot_ids[:, None].expand(B, L)
+        st.keys[rows, write_pos] = k
+        st.values[rows, write_pos] = v
+        num_keys = int(fills.max()) + L
+        keys = st.keys[st.slot_ids, :num_keys].to(q.dtype)  # [B, K, H, dz]
+        values = st.values[st.slot_ids, :num_keys].to(q.dtype)  # [B, K, H, dv]
+        scores = torch.einsum("blhd,bkhd->bhlk", q, keys)
+        key_idx = torch.arange(num_keys, device=q.device)
+        visible = key_idx[None, None, :] <= write_pos[:, :, None]  # [B, L, K]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.einsum("bhlk,bkhd->blhd", probs, values)
+        return out.reshape(B, L, -1)

@@ -1,0 +1,108 @@
+"""Complex exponential moving average (CEMA): coefficients, FFT parallel form, one-step recurrence.
+
+    h_t = p * x_t + q * h_{t-1}          (complex state, D x N per request)
+    y_t = Re(sum_k eta_k h_{t,k}) + omega * x_t
+
+p is real, q = |q| e^{i phi} with |q| = 1 - sigmoid(alpha) sigmoid(delta) < 1, phi_k = k sigmoid(theta)
+2 pi / N. All coefficient math is fp32/complex64 (fp64/complex128 for a float64 model), computed
+from the stored parameters whatever their dtype, as the official `_calc_coeffs` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CemaCoeffs:
+    """p: [D, N] real; log_q: [D, N] complex; q: [D, N] complex; eta: [D, N] complex; omega: [D] real."""
+
+    p: Tensor
+    log_q: Tensor
+    q: Tensor
+    eta: Tensor
+    omega: Tensor
+
+
+class CEMA(nn.Module):
+    """Parameters of the complex EMA with the official key names and shapes."""
+
+    def __init__(self, dim: int, ndim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.ndim = ndim
+        self.alpha = nn.Parameter(torch.zeros(dim, ndim, 1))
+        self.delta = nn.Parameter(torch.zeros(dim, ndim, 1))
+        self.theta = nn.Parameter(torch.zeros(dim, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(dim, ndim, 2))
+        self.omega = nn.Parameter(torch.zeros(dim, 1))
+        self._coeffs: CemaCoeffs | None = None
+
+    def coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs:
+        """Coefficients in `real_dtype` (fp32 or fp64), cached: weights are fixed at inference."""
+        cached = self._coeffs
+        if cached is not None and cached.p.dtype == real_dtype and cached.p.device == self.alpha.device:
+            return cached
+        with torch.no_grad():
+            alpha = torch.sigmoid(self.alpha.to(real_dtype)).squeeze(-1)  # [D, N]
+            delta = torch.sigmoid(self.delta.to(real_dtype)).squeeze(-1)
+            theta = torch.sigmoid(self.theta.to(real_dtype)).view(self.dim, 1)  # [D, 1]
+            harmonics = torch.arange(1, self.ndim + 1, dtype=real_dtype, device=alpha.device)
+            phase = harmonics * theta * (2.0 * math.pi / self.ndim)  # [D, N]
+            magnitude = 1.0 - alpha * delta
+            # log q written out (not q.log()): same powers, no branch cut when phase > pi.
+            log_q = torch.complex(magnitude.log(), phase)
+            gamma = self.gamma.to(real_dtype)
+            eta = torch.complex(gamma[..., 0], gamma[..., 1]) * math.sqrt(1.0 / self.ndim)
+            coeffs = CemaCoeffs(p=alpha, log_q=log_q, q=torch.polar(magnitude, phase), eta=eta,
+                                omega=self.omega.to(real_dtype).view(self.dim))
+        self._coeffs = coeffs
+        return coeffs
+
+    def invalidate_cache(self) -> None:
+        self._coeffs = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook signature
+        self._coeffs = None  # a dtype/device move or weight load invalidates the cache
+        return super()._apply(fn, recurse)
+
+
+def cema_step(x: Tensor, h: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
+    """One recurrence step. x: [B, D] real (stat dtype); h: [B, D, N] complex. Returns (y [B, D], h')."""
+    h = c.p * x[..., None] + c.q * h
+    y = torch.einsum("dn,bdn->bd", c.eta, h).real + c.omega * x
+    return y, h
+
+
+def cema_parallel(x: Tensor, h0: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
+    """CEMA over a segment from an incoming state, in the official parallel form.
+
+    y = causal_conv(x, K) + bias(h0) + omega * x, with kernel K_d[j] = Re sum_k eta p q^j (FFT
+    convolution), bias_d[t] = Re sum_k eta q^{t+1} h0, and final state
+    h_L = q^L h0 + p sum_j q^{L-1-j} x_j.
+
+    Args:
+        x: [B, L, D] real (stat dtype).
+        h0: [B, D, N] complex incoming state.
+    Returns:
+        y: [B, L, D]; h_L: [B, D, N].
+    """
+    B, L, D = x.shape
+    if L == 1:
+        y, h = cema_step(x[:, 0], h0, c)
+        return y[:, None], h
+    steps = torch.arange(L + 1, dtype=x.dtype, device=x.device)
+    powers = torch.exp(c.log_q[..., None] * steps)  # [D, N, L+1]: q^0 .. q^L
+    kernel = torch.einsum("dn,dnl->dl", c.eta * c.p, powers[..., :L]).real  # [D, L]
+    xt = x.transpose(1, 2)  # [B, D, L]
+    n_fft = 1 << (2 * L - 1).bit_length()
+    y = torch.fft.irfft(torch.fft.rfft(xt, n=n_fft) * torch.fft.rfft(kernel, n=n_fft), n=n_fft)[..., :L]
+    y = y + torch.einsum("dn,bdn,dnl->bdl", c.eta, h0, powers[..., 1:]).real
+    y = y + c.omega[:, None] * xt
+    weighted = torch.einsum("bdl,dnl->bdn", xt.to(powers.dtype), powers[..., :L].flip(-1))
+    h = powers[..., L] * h0 + c.p * weighted
+    return y.transpose(1, 2), h

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for development and run the whole test suite (the README's test command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The CPU build of torch first: an unpinned torch would pull the multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[dev]'
+python -m ruff check .
+python -m pytest -q "$@"
