@@ -93,25 +93,62 @@ class MovingAverageGatedAttention(nn.Module):
         Returns:
             Y = X + Hout: [B, L, D].
         """
-        B, L, D = x.shape
-        H, dz, dv = self.num_heads, self.head_z_dim, self.head_value_dim
+        L = x.shape[1]
         x_hat, st.mean, st.var = self.timenorm(x, count0, st.mean, st.var)
         sd = st.mean.dtype
         cema_out, st.cema_h = cema_parallel(x_hat.to(sd), st.cema_h, self.cema.coeffs(sd))
         mx = self.rmsnorm(cema_out.to(x.dtype))  # [B, L, D]
 
-        z = head_rms_norm(self.wz(mx).view(B, L, H, dz), self.eps)  # [B, L, H, dz], stat dtype
-        gamma = (1.0 + self.gamma.to(sd)).view(2, H, dz) / math.sqrt(dz)
-        beta = self.beta.to(sd).view(2, H, dz)
         positions = fills[:, None] + torch.arange(L, device=x.device)  # [B, L]
-        q = rope.rotate(z * gamma[0] + beta[0], positions)
-        k = rope.rotate(z * gamma[1] + beta[1], positions)
-        v = F.silu(self.wv(x_hat)).view(B, L, H, dv)
-        r = F.silu(self.wr(mx))  # [B, L, E]
-
+        q, k, v, r = self._project(x_hat, mx, positions, rope)
         out = self._chunk_attention(q, k.to(st.keys.dtype), v.to(st.values.dtype), fills, st)
         hout = self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
         return x + hout
+
+    def _project(self, x_hat: Tensor, mx: Tensor, positions: Tensor, rope: RotaryEmbedding
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Q, K (normalised, affine, RoPE at `positions` [B, L]; stat dtype) [B, L, H, dz], V [B, L, H, dv]
+        (from the TimestepNorm output, not CEMA) and the gate R [B, L, E]."""
+        B, L, _ = x_hat.shape
+        H, dz, dv = self.num_heads, self.head_z_dim, self.head_value_dim
+        z = head_rms_norm(self.wz(mx).view(B, L, H, dz), self.eps)  # stat dtype
+        sd = z.dtype
+        gamma = (1.0 + self.gamma.to(sd)).view(2, H, dz) / math.sqrt(dz)
+        beta = self.beta.to(sd).view(2, H, dz)
+        q = rope.rotate(z * gamma[0] + beta[0], positions)
+        k = rope.rotate(z * gamma[1] + beta[1], positions)
+        v = F.silu(self.wv(x_hat)).view(B, L, H, dv)
+        r = F.silu(self.wr(mx))
+        return q, k, v, r
+
+    def forward_train(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
+        """Differentiable forward of a whole sequence from a fresh state (the official uncached path).
+
+        x: [B, T, D] with T <= C or T a multiple of C. Returns Y = X + Hout [B, T, D].
+        """
+        B, T, D = x.shape
+        C = min(self.chunk_size, T)
+        if T % C:
+            raise ValueError(f"training sequences must be shorter than or a multiple of chunk_size, got {T}")
+        sd = stat_dtype_for(x.dtype)
+        fresh = torch.zeros(B, dtype=torch.int64, device=x.device)
+        mean0, var0 = self.timenorm.initial_stats(B, sd)
+        x_hat, _, _ = self.timenorm(x, fresh, mean0, var0)
+        h0 = torch.zeros(B, D, self.cema.ndim, dtype=torch.complex128 if sd == torch.float64 else torch.complex64,
+                         device=x.device)
+        cema_out, _ = cema_parallel(x_hat.to(sd), h0, self.cema.compute_coeffs(sd))
+        mx = self.rmsnorm(cema_out.to(x.dtype))
+        positions = (torch.arange(T, device=x.device) % C).expand(B, T)
+        q, k, v, r = self._project(x_hat, mx, positions, rope)
+        H, n = self.num_heads, T // C
+
+        def chunked(t: Tensor) -> Tensor:  # [B, T, H, d] -> [B * n, H, C, d]
+            return t.reshape(B * n, C, H, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(chunked(q), chunked(k), chunked(v.to(q.dtype)), is_causal=True,
+                                             scale=1.0)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return x + self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
 
     def _chunk_attention(self, q: Tensor, k: Tensor, v: Tensor, fills: Tensor, st: LayerState) -> Tensor:
         """Append k/v at each row's fill position, attend over the row's chunk so far.

@@ -49,3 +49,7 @@ class MegaBlock(nn.Module):
         """x: [B, L, D] -> [B, L, D]; `st` is updated in place."""
         y = self.mega(x, count0, fills, st, rope)
         return self.nffn(y, residual=x)
+
+    def forward_train(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
+        """Differentiable whole-sequence forward from a fresh state. x: [B, T, D]."""
+        return self.nffn(self.mega.forward_train(x, rope), residual=x)

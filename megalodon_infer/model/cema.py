@@ -42,26 +42,29 @@ class CEMA(nn.Module):
         self.omega = nn.Parameter(torch.zeros(dim, 1))
         self._coeffs: CemaCoeffs | None = None
 
+    def compute_coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs:
+        """Coefficients in `real_dtype` (fp32 or fp64), differentiable (training)."""
+        alpha = torch.sigmoid(self.alpha.to(real_dtype)).squeeze(-1)  # [D, N]
+        delta = torch.sigmoid(self.delta.to(real_dtype)).squeeze(-1)
+        theta = torch.sigmoid(self.theta.to(real_dtype)).view(self.dim, 1)  # [D, 1]
+        harmonics = torch.arange(1, self.ndim + 1, dtype=real_dtype, device=alpha.device)
+        phase = harmonics * theta * (2.0 * math.pi / self.ndim)  # [D, N]
+        magnitude = 1.0 - alpha * delta
+        # log q written out (not q.log()): same powers, no branch cut when phase > pi.
+        log_q = torch.complex(magnitude.log(), phase)
+        gamma = self.gamma.to(real_dtype)
+        eta = torch.complex(gamma[..., 0], gamma[..., 1]) * math.sqrt(1.0 / self.ndim)
+        return CemaCoeffs(p=alpha, log_q=log_q, q=torch.polar(magnitude, phase), eta=eta,
+                          omega=self.omega.to(real_dtype).view(self.dim))
+
     def coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs:
-        """Coefficients in `real_dtype` (fp32 or fp64), cached: weights are fixed at inference."""
+        """Cached coefficients for inference: the weights are fixed, so compute them once."""
         cached = self._coeffs
         if cached is not None and cached.p.dtype == real_dtype and cached.p.device == self.alpha.device:
             return cached
         with torch.no_grad():
-            alpha = torch.sigmoid(self.alpha.to(real_dtype)).squeeze(-1)  # [D, N]
-            delta = torch.sigmoid(self.delta.to(real_dtype)).squeeze(-1)
-            theta = torch.sigmoid(self.theta.to(real_dtype)).view(self.dim, 1)  # [D, 1]
-            harmonics = torch.arange(1, self.ndim + 1, dtype=real_dtype, device=alpha.device)
-            phase = harmonics * theta * (2.0 * math.pi / self.ndim)  # [D, N]
-            magnitude = 1.0 - alpha * delta
-            # log q written out (not q.log()): same powers, no branch cut when phase > pi.
-            log_q = torch.complex(magnitude.log(), phase)
-            gamma = self.gamma.to(real_dtype)
-            eta = torch.complex(gamma[..., 0], gamma[..., 1]) * math.sqrt(1.0 / self.ndim)
-            coeffs = CemaCoeffs(p=alpha, log_q=log_q, q=torch.polar(magnitude, phase), eta=eta,
-                                omega=self.omega.to(real_dtype).view(self.dim))
-        self._coeffs = coeffs
-        return coeffs
+            self._coeffs = self.compute_coeffs(real_dtype)
+        return self._coeffs
 
     def invalidate_cache(self) -> None:
         self._coeffs = None

@@ -192,6 +192,24 @@ class Megalodon(nn.Module):
         self.invalidate_caches()
         return self.eval().requires_grad_(False)
 
+    def forward_train(self, tokens: Tensor) -> Tensor:
+        """Differentiable forward of whole sequences from a fresh state, for training.
+
+        tokens: [B, T] with T <= chunk_size or a multiple of it. Returns logits [B, T, V] float32.
+        Equal to `forward` on a fresh state (tested); it keeps no state and builds no KV.
+        """
+        cfg = self.config
+        x = self.embed(tokens)
+        if cfg.scale_emb:
+            x = x * math.sqrt(cfg.model_dim)
+        for layer in self.layers:
+            x = layer.forward_train(x, self.rope)
+        B = tokens.shape[0]
+        mean0, var0 = self.output.final_norm.initial_stats(B, self.stat_dtype)
+        fresh = torch.zeros(B, dtype=torch.int64, device=tokens.device)
+        x, _, _ = self.output.final_norm(x, fresh, mean0, var0)
+        return self.output.output(x).float()
+
     def invalidate_caches(self) -> None:
         """Drop cached derived values (CEMA coefficients) after the weights change."""
         for layer in self.layers:

@@ -131,3 +131,19 @@ def test_out_of_range_token_is_rejected():
     model = random_model(cfg)
     with pytest.raises(ValueError, match="token ids"):
         model(torch.tensor([[cfg.vocab_size]]), model.init_state(1))
+
+
+@pytest.mark.parametrize("overrides", CONFIGS[:3], ids=lambda o: f"H{o['num_heads']}-C{o['chunk_size']}")
+def test_training_forward_equals_inference_forward(overrides):
+    cfg = make_config(**overrides)
+    model = random_model(cfg, seed=11, dtype=torch.float64)
+    T = 4 * cfg.chunk_size
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.enable_grad():
+        model.requires_grad_(True)
+        train_logits = model.forward_train(tokens)
+        train_logits.logsumexp(-1).mean().backward()
+    infer_logits, _ = model(tokens, model.init_state(2))
+    torch.testing.assert_close(train_logits.detach(), infer_logits, atol=1e-9, rtol=0)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
