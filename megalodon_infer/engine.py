@@ -63,6 +63,10 @@ class LLMEngine:
                             max_waiting_requests=self.config.max_waiting_requests),
             self.pool)
         self.vocab_size = model.config.effective_output_size
+        tokenizer_vocab = tokenizer.vocab_size if tokenizer is not None else self.vocab_size
+        if tokenizer_vocab > self.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but the model only {self.vocab_size}")
+        self._num_untokenizable = self.vocab_size - tokenizer_vocab
         self.requests: dict[str, Request] = {}
         self._pending_aborts: set[str] = set()
         self._lock = threading.RLock()
@@ -229,7 +233,11 @@ class LLMEngine:
         if not rows:
             self.last_stats.num_generation_tokens = 0
             return
-        sampled: SampleOutput = sample(torch.stack(rows), [choice.sampler for _, choice in row_targets])
+        logits = torch.stack(rows)
+        if self._num_untokenizable:
+            # a padded embedding table: ids past the tokenizer's vocabulary can never be emitted
+            logits[:, -self._num_untokenizable:] = float("-inf")
+        sampled: SampleOutput = sample(logits, [choice.sampler for _, choice in row_targets])
         now = time.monotonic()
         for i, (request, choice) in enumerate(row_targets):
             token_id = sampled.token_ids[i]
