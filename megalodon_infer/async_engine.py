@@ -125,25 +125,13 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - a bug in a step must not kill the server
                 logger.exception("engine step failed; aborting the affected requests")
                 self.errored = exc
-                outputs = self._abort_everything(str(exc))
+                outputs = self.engine.fail_all(str(exc))
             self._dispatch(outputs)
             if self.step_observer is not None:
                 try:
                     self.step_observer(self.engine.stats(), outputs)
                 except Exception:  # noqa: BLE001 - metrics must never break serving
                     logger.exception("step observer failed")
-
-    def _abort_everything(self, message: str) -> list[RequestOutput]:
-        with self.engine._lock:
-            outputs = []
-            now = time.monotonic()
-            for request_id, request in list(self.engine.requests.items()):
-                request.error = message
-                request.finish_all("error")
-                self.engine.scheduler.abort(request_id)
-                outputs.append(request.make_output(now))
-            self.engine.requests.clear()
-            return outputs
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -24,11 +24,13 @@ from .loading import load_model
 from .model.megalodon import Megalodon
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, TokenLogprob
+from .prefix_cache import PrefixCache
 from .sampling import SampleOutput, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import AddResult, PrefillSegment, SchedRequest, Scheduler, SchedulerConfig, StepPlan
 from .sequence import Choice, Request
-from .state_pool import StatePool
+from .sessions import Session, SessionError, load_session, model_fingerprint, save_session
+from .state_pool import SlotSnapshot, StatePool
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class _StepResults:
     decode_logits: Tensor | None
     decode_error: str | None
     prefill_logits: dict[PrefillSegment, Tensor | str]  # logits, or the error that ended the request
+    # states at chunk boundaries, taken right after their segment (later segments move the slot on)
+    boundary_snapshots: dict[PrefillSegment, SlotSnapshot]
 
 
 class LLMEngine:
@@ -61,7 +65,11 @@ class LLMEngine:
             SchedulerConfig(chunk_size=model.config.chunk_size,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
                             max_waiting_requests=self.config.max_waiting_requests),
-            self.pool)
+            self.pool, on_admit=self._restore_cached_prefix)
+        self.prefix_cache: PrefixCache | None = None
+        if self.config.prefix_cache_bytes > 0:
+            self.prefix_cache = PrefixCache(model.config.chunk_size, self.config.prefix_cache_bytes,
+                                            self.config.prefix_cache_host_bytes, model.device)
         self.vocab_size = model.config.effective_output_size
         tokenizer_vocab = tokenizer.vocab_size if tokenizer is not None else self.vocab_size
         if tokenizer_vocab > self.vocab_size:
@@ -71,6 +79,7 @@ class LLMEngine:
         self._pending_aborts: set[str] = set()
         self._lock = threading.RLock()
         self.last_stats = EngineStats(0, 0, 0.0, 0, 0)
+        self._model_fingerprint: str | None = None
         logger.info("engine ready: %d state slots, %s bytes per slot, %s bytes in all", self.pool.num_slots,
                     f"{self.pool.bytes_per_slot:,}", f"{self.pool.total_bytes:,}")
 
@@ -122,6 +131,47 @@ class LLMEngine:
         with self._lock:
             return bool(self.requests)
 
+    # ------------------------------------------------------------------------------ sessions
+    def save_session(self, name: str, token_ids: list[int], directory: str | Path) -> int:
+        """Write the longest cached state that `token_ids` begins with under `name`.
+
+        After a chat turn the cache holds the state after prompt + reply (minus the reply's last
+        token, which was sampled but never consumed), so passing the conversation so far saves it.
+        Returns how many tokens the saved state covers.
+        """
+        if self.prefix_cache is None:
+            raise SessionError("sessions need the prefix cache: set prefix_cache_bytes")
+        with self._lock:
+            hit = self.prefix_cache.lookup(list(token_ids))
+            if hit is None:
+                raise SessionError("no cached state for this conversation (it was never run or was evicted)")
+            entry = hit.entry
+            session = Session(name, list(token_ids[:hit.num_tokens]), entry.snapshot, entry.last_logits)
+        save_session(Path(directory), session, self._fingerprint())
+        return hit.num_tokens
+
+    def load_session(self, name: str, directory: str | Path, max_bytes: int = 1 << 30) -> int:
+        """Put a saved session back into the prefix cache; returns the number of tokens it covers."""
+        if self.prefix_cache is None:
+            raise SessionError("sessions need the prefix cache: set prefix_cache_bytes")
+        session = load_session(Path(directory), name, self._fingerprint(), max_bytes)
+        reference = self.pool.snapshot(0)
+        for key, tensor in session.snapshot.tensors().items():
+            want = reference.tensors()[key]
+            shape_ok = tensor.shape[:1] + tensor.shape[2:] == want.shape[:1] + want.shape[2:] \
+                if key in ("keys", "values") else tensor.shape == want.shape
+            if not shape_ok or tensor.dtype != want.dtype:
+                raise SessionError(f"session {name!r} does not fit this model ({key} {tuple(tensor.shape)})")
+        snapshot = session.snapshot.to(self.model.device)
+        with self._lock:
+            self.prefix_cache.insert_final(session.token_ids, snapshot, session.last_logits)
+        return len(session.token_ids)
+
+    def _fingerprint(self) -> str:
+        if self._model_fingerprint is None:  # hashing every weight once, on first use
+            self._model_fingerprint = model_fingerprint(self.model)
+        return self._model_fingerprint
+
     # ---------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         with self._lock:
@@ -143,6 +193,21 @@ class LLMEngine:
             return EngineStats(self.scheduler.num_running_seqs, self.scheduler.num_waiting, self.pool.usage,
                                self.last_stats.num_prompt_tokens, self.last_stats.num_generation_tokens)
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after an unexpected failure of a whole step)."""
+        with self._lock:
+            now = time.monotonic()
+            outputs = []
+            for request_id, request in list(self.requests.items()):
+                request.error = message
+                request.finish_all("error")
+                self.scheduler.abort(request_id)
+                self._release(request)
+                outputs.append(request.make_output(now))
+            self.requests.clear()
+            self._pending_aborts.clear()
+            return outputs
+
     def _apply_aborts(self) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
@@ -151,10 +216,25 @@ class LLMEngine:
             if request is None:
                 continue
             self.scheduler.abort(request_id)
+            self._release(request)
             request.finish_all("abort")
             outputs.append(request.make_output(now))
         self._pending_aborts.clear()
         return outputs
+
+    def _restore_cached_prefix(self, sched_req: SchedRequest) -> int:
+        """Scheduler hook at admission: restore the longest cached prefix into the prefill slot."""
+        request = self.requests[sched_req.request_id]
+        if self.prefix_cache is None or request.prompt_logprobs is not None:
+            return 0  # prompt logprobs need the logits of every prompt position
+        hit = self.prefix_cache.lookup(request.prompt_ids)
+        if hit is None:
+            return 0
+        self.pool.restore(self.prefix_cache.restore_snapshot(hit), sched_req.slot_ids[0])
+        request.num_cached_tokens = hit.num_tokens
+        if hit.num_tokens == len(request.prompt_ids):
+            request.cached_first_logits = hit.entry.last_logits.to(self.model.device)
+        return hit.num_tokens
 
     def _on_admitted(self, plan: StepPlan) -> None:
         now = time.monotonic()
@@ -166,7 +246,7 @@ class LLMEngine:
 
     def _execute(self, plan: StepPlan) -> _StepResults:
         """Run the model; a failure ends only the requests it touched (reported in the results)."""
-        results = _StepResults(decode_logits=None, decode_error=None, prefill_logits={})
+        results = _StepResults(decode_logits=None, decode_error=None, prefill_logits={}, boundary_snapshots={})
         if plan.decodes:
             slots = [d.slot_id for d in plan.decodes]
             tokens = [self.requests[d.request_id].choice_for_slot(d.slot_id).last_token for d in plan.decodes]
@@ -181,6 +261,8 @@ class LLMEngine:
                 results.prefill_logits[seg] = self.runner.prefill(
                     seg.slot_id, request.prompt_ids[seg.start:seg.end],
                     all_logits=request.prompt_logprobs is not None)
+                if self.prefix_cache is not None and seg.end % self.model.config.chunk_size == 0:
+                    results.boundary_snapshots[seg] = self.pool.snapshot(seg.slot_id)
             except Exception as exc:  # noqa: BLE001
                 logger.exception("prefill of %s failed", seg.request_id)
                 results.prefill_logits[seg] = f"prefill failed: {exc}"
@@ -190,6 +272,12 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         rows: list[Tensor] = []
         row_targets: list[tuple[Request, Choice]] = []
+        for request_id in plan.admitted:
+            request = self.requests.get(request_id)
+            if request is not None and request.cached_first_logits is not None:
+                touched[request_id] = request  # the whole prompt came from the cache: sample at once
+                self.scheduler.on_prefilled(request_id, 0)
+                self._start_decoding(request, request.cached_first_logits, rows, row_targets)
         for seg, logits in results.prefill_logits.items():
             request = self.requests.get(seg.request_id)
             if request is None or seg.request_id in self._pending_aborts:
@@ -200,6 +288,9 @@ class LLMEngine:
                 continue
             if request.prompt_logprobs is not None:
                 self._accumulate_prompt_logprobs(request, seg, logits)
+            if seg in results.boundary_snapshots:
+                self._store_boundary(request, request.prompt_ids[:seg.end], results.boundary_snapshots[seg],
+                                     last_logits=logits[-1])
             if self.scheduler.on_prefilled(seg.request_id, seg.num_tokens):
                 self._start_decoding(request, logits[-1], rows, row_targets)
         for row, item in enumerate(plan.decodes):
@@ -210,8 +301,12 @@ class LLMEngine:
             if results.decode_error is not None:
                 self._fail(request, results.decode_error)
                 continue
+            choice = request.choice_for_slot(item.slot_id)
+            fed = request.processed_tokens(choice)
+            if self.prefix_cache is not None and len(fed) % self.model.config.chunk_size == 0:
+                self._store_boundary(request, fed, self.pool.snapshot(item.slot_id))
             rows.append(results.decode_logits[row])
-            row_targets.append((request, request.choice_for_slot(item.slot_id)))
+            row_targets.append((request, choice))
         self._sample_and_append(rows, row_targets)
         return self._collect_outputs(touched)
 
@@ -244,10 +339,28 @@ class LLMEngine:
             logprob = None
             if sampled.logprobs[i] is not None:
                 logprob = TokenLogprob(token_id, sampled.logprobs[i], sampled.top_logprobs[i] or [])
+            fed = request.processed_tokens(choice)
             request.append_token(choice, token_id, logprob, now)
             if choice.finish_reason is not None:
+                if self.prefix_cache is not None:
+                    # the complete state after every token it consumed, and the logits it ended on
+                    self.prefix_cache.insert_final(fed, self.pool.snapshot(choice.slot_id), logits[i])
                 self.scheduler.finish_sequence(request.request_id, choice.slot_id)
         self.last_stats.num_generation_tokens = len(rows)
+
+    def _store_boundary(self, request: Request, tokens: list[int], snapshot: SlotSnapshot,
+                        last_logits: Tensor | None = None) -> None:
+        """At a chunk boundary the state is tiny (no KV): keep it for requests sharing this prefix."""
+        entry = self.prefix_cache.insert_boundary(tokens, snapshot, pin=True, last_logits=last_logits)
+        if entry is not None:
+            request.pinned_entries.append(entry)
+
+    def _release(self, request: Request) -> None:
+        """A request ended: the cache entries it pinned may be evicted again."""
+        if self.prefix_cache is not None:
+            for entry in request.pinned_entries:
+                self.prefix_cache.unpin(entry)
+        request.pinned_entries.clear()
 
     def _accumulate_prompt_logprobs(self, request: Request, seg: PrefillSegment, logits: Tensor) -> None:
         """Score prompt tokens seg.start .. seg.end-1; the last row of a segment scores the next one."""
@@ -277,6 +390,7 @@ class LLMEngine:
             if output.outputs or output.finished or output.prompt_logprobs is not None:
                 outputs.append(output)
             if request.finished:
+                self._release(request)
                 self.requests.pop(request_id, None)
                 if request_id in self.scheduler.running:
                     self.scheduler.finish_request(request_id)

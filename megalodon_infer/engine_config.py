@@ -20,7 +20,9 @@ class EngineConfig(BaseModel):
     state_memory_limit_bytes: int | None = Field(
         None, ge=1, description="Refuse to start when the slot pool would need more than this.")
     prefix_cache_bytes: int = Field(
-        0, ge=0, description="Byte budget of the recurrent-state prefix cache (0 disables it).")
+        0, ge=0, description="Device-memory budget of the recurrent-state prefix cache (0 disables it).")
+    prefix_cache_host_bytes: int = Field(
+        0, ge=0, description="Host-memory tier of the prefix cache: evicted snapshots move here first.")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

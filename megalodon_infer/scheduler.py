@@ -1,9 +1,9 @@
 """Who runs this step, and how many tokens each: a pure policy over ints, lists and dicts.
 
 NOTE: there is no prefill phase and decode phase. Every step decodes one token for every running
-sequence, then spends what is left of the token budget on prefill, oldest request first. A prefill
-segment ends at the prompt's end or at an absolute multiple of chunk_size whenever the budget
-reaches one (a chunk-aligned segment leaves an empty KV behind it). Admission is strictly first
+sequence, then spends what is left of the token budget on prefill, oldest request first. Prefill is
+cut into segments that never cross an absolute multiple of chunk_size: each ends at a chunk
+boundary (where the state is small enough to cache), the prompt's end, or the budget's end. Admission is strictly first
 come, first served by free slots, so no request starves. Knows nothing of tensors or text.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,7 +82,8 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        # an admission is work too: a prompt found whole in the cache is sampled without a segment
+        return not self.decodes and not self.prefills and not self.admitted
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,15 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, slots: SlotAllocator) -> None:
+    """`on_admit(request) -> int` runs when a request gets its slots and returns how many prompt
+    tokens are already in its state (a prefix-cache hit restored into slot_ids[0]); prefill starts
+    after them."""
+
+    def __init__(self, config: SchedulerConfig, slots: SlotAllocator,
+                 on_admit: Callable[[SchedRequest], int] | None = None) -> None:
         self.config = config
         self.slots = slots
+        self.on_admit = on_admit
         self.waiting: deque[SchedRequest] = deque()
         self.running: dict[str, SchedRequest] = {}  # insertion order = admission order
 
@@ -135,27 +143,32 @@ class Scheduler:
             if budget <= 0:
                 break
             if req.is_prefilling:
-                segment = self._next_segment(req, budget)
-                plan.prefills.append(segment)
-                budget -= segment.num_tokens
+                segments = self._prefill_segments(req, budget)
+                plan.prefills.extend(segments)
+                budget -= sum(seg.num_tokens for seg in segments)
         return plan
 
     def _admit(self, plan: StepPlan) -> None:
         while self.waiting and self.slots.can_alloc(self.waiting[0].num_seqs):
             req = self.waiting.popleft()
             req.slot_ids = [self.slots.alloc() for _ in range(req.num_seqs)]
+            if self.on_admit is not None:
+                req.num_computed_tokens = self.on_admit(req)
             self.running[req.request_id] = req
             plan.admitted.append(req.request_id)
 
-    def _next_segment(self, req: SchedRequest, budget: int) -> PrefillSegment:
+    def _prefill_segments(self, req: SchedRequest, budget: int) -> list[PrefillSegment]:
+        """Up to `budget` prompt tokens, one segment per chunk: each segment ends at an absolute
+        multiple of chunk_size, the prompt's end, or where the budget runs out."""
         C = self.config.chunk_size
+        segments = []
         start = req.num_computed_tokens
-        end = min(req.num_prompt_tokens, start + budget)
-        if end < req.num_prompt_tokens:
-            boundary = end - end % C
-            if boundary > start:
-                end = boundary
-        return PrefillSegment(req.request_id, req.slot_ids[0], start, end - start)
+        while budget > 0 and start < req.num_prompt_tokens:
+            end = min(req.num_prompt_tokens, start + budget, (start // C + 1) * C)
+            segments.append(PrefillSegment(req.request_id, req.slot_ids[0], start, end - start))
+            budget -= end - start
+            start = end
+        return segments
 
     # ------------------------------------------------------------------------- step results
     def on_prefilled(self, request_id: str, num_tokens: int) -> bool:

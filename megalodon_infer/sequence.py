@@ -71,6 +71,8 @@ class Request:
             if params.prompt_logprobs is not None else None)
         self.prompt_logprobs_sent = False
         self.prev_prompt_row = None  # [1, V] logits that score the first token of the next segment
+        self.cached_first_logits = None  # [V] logits of a prompt found whole in the prefix cache
+        self.pinned_entries: list = []  # prefix-cache entries this request stored, kept until it ends
         self.num_cached_tokens = 0
         self.prompt_complete = False
         self.aborted = False
@@ -92,6 +94,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
+
+    def processed_tokens(self, choice: Choice) -> list[int]:
+        """The tokens the choice's state has consumed: the prompt and every output token but the last
+        one while it waits to be fed (call before appending a newly sampled token)."""
+        return self.prompt_ids + choice.output_ids
 
     def choice_for_slot(self, slot_id: int) -> Choice:
         for choice in self.choices:

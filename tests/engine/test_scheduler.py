@@ -38,26 +38,25 @@ def apply(sched, plan):
         sched.on_prefilled(seg.request_id, seg.num_tokens)
 
 
-def test_prefill_segments_end_at_chunk_boundaries_or_the_prompt_end():
+def prefill_ends(sched, request_id, steps):
+    ends = []
+    for _ in range(steps):
+        plan = sched.schedule()
+        ends.append([seg.end for seg in plan.prefills if seg.request_id == request_id])
+        apply(sched, plan)
+    return ends
+
+
+def test_prefill_segments_never_cross_a_chunk_boundary_and_use_the_budget():
     sched, _ = make(budget=13, chunk=8)
     sched.add(SchedRequest("a", num_prompt_tokens=30))
-    ends = []
-    while sched.running.get("a") is None or sched.running["a"].is_prefilling:
-        plan = sched.schedule()
-        ends += [seg.end for seg in plan.prefills]
-        apply(sched, plan)
-    assert ends == [8, 16, 24, 30]
+    assert prefill_ends(sched, "a", 3) == [[8, 13], [16, 24, 26], [30]]
 
 
 def test_budget_smaller_than_a_chunk_still_progresses():
     sched, _ = make(budget=3, chunk=8, slots=2)
     sched.add(SchedRequest("a", num_prompt_tokens=10))
-    ends = []
-    for _ in range(4):
-        plan = sched.schedule()
-        ends += [seg.end for seg in plan.prefills]
-        apply(sched, plan)
-    assert ends == [3, 6, 8, 10]
+    assert prefill_ends(sched, "a", 4) == [[3], [6], [8, 9], [10]]
 
 
 def test_decode_first_then_prefill_with_the_rest_of_the_budget():
