@@ -75,10 +75,14 @@ class AsyncEngine:
             self._thread = None
 
     # ------------------------------------------------------------------------------ requests
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs until it finishes. Raises before the first output for a request
-        that cannot start: ValueError (invalid), EngineOverloadedError, EngineShutdownError."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request now and return its stream of outputs (iterate it on the event loop).
+
+        Raises at once, before any output exists, for a request that cannot start: ValueError (invalid,
+        ContextLengthError), EngineOverloadedError, EngineShutdownError. Closing the stream before the
+        request finishes aborts it.
+        """
         if not self._accepting or not self.is_running:
             raise EngineShutdownError("the engine is not accepting requests")
         request_id = request_id or uuid.uuid4().hex
@@ -92,6 +96,15 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             raise
         self._notify()
+        return self._stream(request_id, queue)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """`submit` and iterate in one: refusals are raised on the first iteration."""
+        async for output in self.submit(prompt_ids, params, request_id):
+            yield output
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -126,12 +139,13 @@ class AsyncEngine:
                 logger.exception("engine step failed; aborting the affected requests")
                 self.errored = exc
                 outputs = self.engine.fail_all(str(exc))
-            self._dispatch(outputs)
             if self.step_observer is not None:
+                # before dispatch: a client that sees its response finds the metrics already moved
                 try:
                     self.step_observer(self.engine.stats(), outputs)
                 except Exception:  # noqa: BLE001 - metrics must never break serving
                     logger.exception("step observer failed")
+            self._dispatch(outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -59,8 +59,10 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.pool = StatePool(model, self.config.max_num_seqs, self.config.state_memory_limit_bytes)
-        self.runner = ModelRunner(model, self.pool)
+        use_graphs = self.config.cuda_graphs and model.device.type == "cuda"
+        self.pool = StatePool(model, self.config.max_num_seqs, self.config.state_memory_limit_bytes,
+                              reserve_pad_slot=use_graphs)
+        self.runner = ModelRunner(model, self.pool, use_cuda_graphs=use_graphs)
         self.scheduler = Scheduler(
             SchedulerConfig(chunk_size=model.config.chunk_size,
                             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -112,8 +114,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"token ids must be in [0, {self.model.config.vocab_size}), got {bad[:5]}")
         max_len = self.config.max_model_len
-        if len(prompt_ids) >= max_len or (params.max_tokens is not None
-                                          and len(prompt_ids) + params.max_tokens > max_len):
+        # a prompt may fill the context only when nothing is generated (echo scoring)
+        room = max_len - len(prompt_ids)
+        if room < 0 or (params.max_tokens is None and room == 0) or (
+                params.max_tokens is not None and params.max_tokens > room):
             raise ContextLengthError(len(prompt_ids), params.max_tokens, max_len)
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({self.config.max_num_seqs})")
@@ -179,6 +183,8 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             self._on_admitted(plan)
         if plan.is_empty:
+            self.last_stats = EngineStats(self.scheduler.num_running_seqs, self.scheduler.num_waiting,
+                                          self.pool.usage, 0, 0)
             return outputs
         results = self._execute(plan)
         with self._lock:

@@ -24,6 +24,9 @@ class EngineConfig(BaseModel):
     prefix_cache_host_bytes: int = Field(
         0, ge=0, description="Host-memory tier of the prefix cache: evicted snapshots move here first.")
 
+    cuda_graphs: bool = Field(
+        True, description="On a CUDA device with fused kernels, replay decode steps from CUDA graphs.")
+
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:

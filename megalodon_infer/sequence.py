@@ -7,7 +7,7 @@ stop strings), and the request's timestamps. Knows nothing of slots, tensors or 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
@@ -167,5 +167,5 @@ class Request:
         if finished and self.metrics.finished_time is None:
             self.metrics.finished_time = now
         return RequestOutput(request_id=self.request_id, prompt_token_ids=self.prompt_ids, outputs=outputs,
-                             finished=finished, metrics=self.metrics, prompt_logprobs=prompt_logprobs,
+                             finished=finished, metrics=replace(self.metrics), prompt_logprobs=prompt_logprobs,
                              num_cached_tokens=self.num_cached_tokens, error=self.error)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .model.megalodon import Megalodon
-from .model.state import MegalodonState
+from .model.state import MegalodonState, slot_bytes
 
 
 class PoolMemoryError(ValueError):
@@ -50,9 +50,10 @@ class SlotSnapshot:
 class StatePool:
     """`max_num_seqs` slots of Megalodon state on the model's device."""
 
-    def __init__(self, model: Megalodon, max_num_seqs: int, memory_limit_bytes: int | None = None) -> None:
-        from .model.state import slot_bytes
-
+    def __init__(self, model: Megalodon, max_num_seqs: int, memory_limit_bytes: int | None = None,
+                 reserve_pad_slot: bool = False) -> None:
+        """`reserve_pad_slot` adds one row that is never handed out (`pad_slot`): CUDA graphs point the
+        padding rows of a batch-size bucket at it."""
         self.model = model
         self.chunk_size = model.config.chunk_size
         per_slot = slot_bytes(model.config, model.dtype, model.stat_dtype)
@@ -61,9 +62,11 @@ class StatePool:
             raise PoolMemoryError(
                 f"{max_num_seqs} state slots need {per_slot * max_num_seqs:,} bytes ({per_slot:,} per slot) but "
                 f"the memory limit is {memory_limit_bytes:,} bytes: at most {fits} slots would fit")
-        self.state: MegalodonState = model.allocate_state(max_num_seqs)
+        rows = max_num_seqs + int(reserve_pad_slot)
+        self.state: MegalodonState = model.allocate_state(rows)
         self.num_slots = max_num_seqs
-        self.bytes_per_slot = self.state.nbytes() // max_num_seqs
+        self.pad_slot: int | None = max_num_seqs if reserve_pad_slot else None
+        self.bytes_per_slot = self.state.nbytes() // rows
         self._free: list[int] = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out low ids first
         self._in_use: set[int] = set()
 

@@ -226,6 +226,10 @@ class Tokenizer:
         encoded on its own, with or without the dummy-prefix space as `legacy` says. Without it
         the text is encoded literally.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: sentencepiece would raise a RuntimeError
+            raise ValueError(f"text is not valid Unicode: {exc.reason} at position {exc.start}") from None
         ids: list[int] = [self._bos_id] if add_bos and self._bos_id >= 0 else []
         if parse_special_tokens and self._special_pattern is not None:
             for index, part in enumerate(self._special_pattern.split(text)):

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..kernels.decode import CemaWeights, TsnWeights, chunk_attention
+from ..kernels.dispatch import DecodeKernels
 from .cema import CEMA, cema_parallel
 from .norms import RMSNorm, TimestepNorm, head_rms_norm, stat_dtype_for
+from .state import MegalodonState
 
 
 class RotaryEmbedding(nn.Module):
@@ -151,23 +154,29 @@ class MovingAverageGatedAttention(nn.Module):
         return x + self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
 
     def _chunk_attention(self, q: Tensor, k: Tensor, v: Tensor, fills: Tensor, st: LayerState) -> Tensor:
-        """Append k/v at each row's fill position, attend over the row's chunk so far.
+        """Prefill attention: q [B, L, H, dz], k/v in the KV dtype; see `kernels.decode.chunk_attention`."""
+        return chunk_attention(q, k, v, fills, st.keys, st.values, st.slot_ids)
 
-        q: [B, L, H, dz] stat dtype; k: [B, L, H, dz], v: [B, L, H, dv] in the KV dtype.
-        Returns [B, L, H*dv] in the stat dtype. Query t of row b sees keys 0 .. fills[b] + t.
+    def decode_step(self, x: Tensor, state: MegalodonState, layer: int, slot_ids: Tensor, rope: RotaryEmbedding,
+                    kernels: DecodeKernels, tsn: TsnWeights, cema: CemaWeights) -> Tensor:
+        """One token per row, reading and writing layer `layer` of the state pool by slot.
+
+        The same math as `forward` at L == 1, with TimestepNorm + CEMA and the attention (KV append
+        included) done by `kernels` (fused, or their reference twins). No host sync on the fused path.
+
+        Args:
+            x: [B, D] block input; slot_ids: [B] int64 distinct pool rows.
+            tsn, cema: this layer's precomputed decode weights.
+        Returns:
+            Y = X + Hout: [B, D].
         """
-        B, L, H, _ = q.shape
-        write_pos = fills[:, None] + torch.arange(L, device=q.device)  # [B, L]
-        rows = st.slot_ids[:, None].expand(B, L)
-        st.keys[rows, write_pos] = k
-        st.values[rows, write_pos] = v
-        num_keys = int(fills.max()) + L
-        keys = st.keys[st.slot_ids, :num_keys].to(q.dtype)  # [B, K, H, dz]
-        values = st.values[st.slot_ids, :num_keys].to(q.dtype)  # [B, K, H, dv]
-        scores = torch.einsum("blhd,bkhd->bhlk", q, keys)
-        key_idx = torch.arange(num_keys, device=q.device)
-        visible = key_idx[None, None, :] <= write_pos[:, :, None]  # [B, L, K]
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("bhlk,bkhd->blhd", probs, values)
-        return out.reshape(B, L, -1)
+        x_hat, cema_out = kernels.tsn_cema_step(x, slot_ids, state.position, state.norm_mean[layer],
+                                                state.norm_var[layer], state.cema_h[layer], tsn, cema)
+        mx = self.rmsnorm(cema_out)
+        fills = state.position[slot_ids] % self.chunk_size  # [B]
+        q, k, v, r = self._project(x_hat[:, None], mx[:, None], fills[:, None], rope)
+        keys, values = state.keys[layer], state.values[layer]
+        out = kernels.attention_decode(q[:, 0], k[:, 0].to(keys.dtype), v[:, 0].to(values.dtype), keys, values,
+                                       slot_ids, state.position)
+        hout = self.wh1(mx) + self.wh2(out.to(x.dtype) * r[:, 0])
+        return x + hout

@@ -9,11 +9,14 @@ step. The model knows nothing of requests, schedulers or tokenizers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..kernels.decode import CemaWeights, TsnWeights
+from ..kernels.dispatch import DecodeKernels, requested_mode, select_decode_kernels
 from .attention import LayerState, RotaryEmbedding
 from .block import MegaBlock
 from .norms import TimestepNorm, stat_dtype_for
@@ -29,6 +32,14 @@ class OutputLayer(nn.Module):
         self.output = nn.Linear(cfg.model_dim, cfg.effective_output_size, bias=False)
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeWeights:
+    """Per-layer TimestepNorm and CEMA weights in the form the decode ops take (computed once)."""
+
+    layers: list[tuple[TsnWeights, CemaWeights]]
+    final: TsnWeights
+
+
 class Megalodon(nn.Module):
     """Module and parameter names match the official state-dict keys one to one."""
 
@@ -41,6 +52,9 @@ class Megalodon(nn.Module):
         self.output = OutputLayer(cfg)
         if cfg.share_emb:
             self.output.output.weight = self.embed.weight
+        self._kernels_mode: str | None = None
+        self._decode_kernels: dict[torch.dtype, DecodeKernels] = {}
+        self._decode_weights: DecodeWeights | None = None
 
     # ----------------------------------------------------------------------------------- state
     @property
@@ -151,6 +165,9 @@ class Megalodon(nn.Module):
         """
         cfg = self.config
         B, L = tokens.shape
+        if L == 1:  # a one-token segment never crosses a boundary: the decode hot path
+            logits = self.decode_step(tokens[:, 0], state, slot_ids)
+            return logits[:, None] if compute_logits else None
         count0 = state.position[slot_ids]  # [B]
         fills = count0 % cfg.chunk_size
         if bool((fills + L > cfg.chunk_size).any()):
@@ -175,6 +192,71 @@ class Megalodon(nn.Module):
             return None
         return self.output.output(x).float()
 
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor, state: MegalodonState, slot_ids: Tensor) -> Tensor:
+        """One token for each of B rows at any positions: the decode hot path.
+
+        tokens: [B] int64 and slot_ids: [B] int64 (distinct pool rows), on the model's device.
+        Returns logits [B, V] float32 and advances each slot's position by one. Validates nothing;
+        with fused kernels it never syncs with the host, so a CUDA graph can capture it (the
+        decode weights must exist first: `decode_weights()` outside the capture).
+        """
+        cfg = self.config
+        kernels = self.decode_kernels(state.keys.dtype)
+        weights = self.decode_weights()
+        x = self.embed(tokens)  # [B, D]
+        if cfg.scale_emb:
+            x = x * math.sqrt(cfg.model_dim)
+        for i, layer in enumerate(self.layers):
+            tsn, cema = weights.layers[i]
+            y = layer.mega.decode_step(x, state, i, slot_ids, self.rope, kernels, tsn, cema)
+            x = layer.nffn(y, residual=x)
+        Lyr = cfg.num_layers
+        x = kernels.final_norm_step(x, slot_ids, state.position, state.norm_mean[Lyr], state.norm_var[Lyr],
+                                    weights.final)
+        state.position[slot_ids] += 1
+        return self.output.output(x).float()
+
+    # ------------------------------------------------------------------------------ decode kernels
+    def set_decode_kernels(self, mode: str | None = None) -> DecodeKernels:
+        """Choose the decode implementation: "auto", "reference", "fused", or None for $MEGALODON_KERNELS.
+
+        Returns (and logs, once) what the model's dtype gets now; the choice is kept until the next call.
+        """
+        self._kernels_mode = None if mode is None else requested_mode(mode)
+        self._decode_kernels = {}
+        return self.decode_kernels()
+
+    def decode_kernels(self, kv_dtype: torch.dtype | None = None) -> DecodeKernels:
+        """The decode ops for this model with K/V stored in `kv_dtype` (default: the model dtype)."""
+        kv_dtype = kv_dtype or self.dtype
+        kernels = self._decode_kernels.get(kv_dtype)
+        if kernels is None:
+            kernels = select_decode_kernels(self.device, self.dtype, kv_dtype, self._kernels_mode)
+            self._decode_kernels[kv_dtype] = kernels
+        return kernels
+
+    @property
+    def decode_backend(self) -> str:
+        """"fused" or "reference": what `decode_step` runs for the model dtype's K/V."""
+        return self.decode_kernels().name
+
+    def decode_weights(self) -> DecodeWeights:
+        """TimestepNorm affines and CEMA coefficients for the decode ops, computed once and cached."""
+        if self._decode_weights is None:
+            sd = self.stat_dtype
+            with torch.no_grad():
+                layers = [(TsnWeights.from_module(layer.mega.timenorm, sd),
+                           CemaWeights.from_module(layer.mega.cema, sd)) for layer in self.layers]
+                self._decode_weights = DecodeWeights(layers, TsnWeights.from_module(self.output.final_norm, sd))
+        return self._decode_weights
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook signature
+        # A dtype or device move changes which kernels apply and invalidates the derived weights.
+        self._decode_kernels = {}
+        self._decode_weights = None
+        return super()._apply(fn, recurse)
+
     def prepare_for_inference(self, dtype: torch.dtype, device: str | torch.device = "cpu",
                               rope_freqs_bf16: bool = False) -> Megalodon:
         """Apply the dtype policy, move to `device`, eval mode, no grad. Returns self.
@@ -190,6 +272,7 @@ class Megalodon(nn.Module):
             norm.prior_mean = norm.prior_mean.float()
             norm.prior_logv = norm.prior_logv.float()
         self.invalidate_caches()
+        self.decode_kernels()  # resolve (and build) the decode kernels now, not on the first request
         return self.eval().requires_grad_(False)
 
     def forward_train(self, tokens: Tensor) -> Tensor:
@@ -214,6 +297,7 @@ class Megalodon(nn.Module):
         """Drop cached derived values (CEMA coefficients) after the weights change."""
         for layer in self.layers:
             layer.mega.cema.invalidate_cache()
+        self._decode_weights = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,29 @@
+"""Fused decode kernels (csrc/) and their torch reference twins, with the one-time choice between them.
+
+`decode` holds the ops (fused beside `*_ref`), `dispatch` picks an implementation per device and
+logs it, `build` compiles the extensions, `cuda_graphs` captures whole-model decode steps. This
+package knows the state layout and the math, never requests, schedulers or the server.
+"""
+
+from .build import ExtensionBuildError, load_cpu_extension, load_cuda_extension, loaded_extensions
+from .dispatch import (
+    KERNELS_ENV,
+    DecodeKernels,
+    active_backend,
+    resolve_device_kernels,
+    resolved_backends,
+    select_decode_kernels,
+)
+
+__all__ = [
+    "KERNELS_ENV",
+    "DecodeKernels",
+    "ExtensionBuildError",
+    "active_backend",
+    "load_cpu_extension",
+    "load_cuda_extension",
+    "loaded_extensions",
+    "resolve_device_kernels",
+    "resolved_backends",
+    "select_decode_kernels",
+]

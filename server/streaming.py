@@ -1,0 +1,142 @@
+"""Response plumbing shared by completions and chat: the SSE stream and the non-streaming wait.
+
+Owns the order of a stream (chunks, the optional usage chunk, an error event if something fails
+after the headers went out, `[DONE]` last, keep-alive comments while idle) and watching for a
+client that leaves. What each chunk contains is the endpoint's `OutputConsumer`'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from megalodon_infer.outputs import RequestOutput
+from server.generation import KEEPALIVE, GenerationGroup
+from server.protocol import UsageInfo
+from server.sse import SSE_DONE, SSE_KEEPALIVE, SSE_MEDIA_TYPE, sse_error_event, sse_event, sse_headers
+
+logger = logging.getLogger("megalodon.server")
+
+T = TypeVar("T")
+# The status logged for a request whose client left before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class OutputConsumer(Protocol):
+    """Turns engine outputs into an endpoint's response, chunk by chunk."""
+
+    def update(self, index: int, output: RequestOutput) -> list[BaseModel]:
+        """Take one output of prompt `index`; return the stream chunks it makes."""
+
+    def final_chunks(self) -> list[BaseModel]:
+        """Chunks sent after the last output (the usage chunk, when asked for)."""
+
+    def usage(self) -> UsageInfo: ...
+
+
+def usage_options(stream_options: object | None) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a request's `stream_options` (vLLM's rules:
+    continuous stats only together with the final usage chunk)."""
+    include = bool(stream_options is not None and getattr(stream_options, "include_usage", False))
+    return include, include and bool(getattr(stream_options, "continuous_usage_stats", False))
+
+
+def streaming_response(
+    request: Request, group: GenerationGroup, consumer: OutputConsumer, keepalive_s: float
+) -> StreamingResponse:
+    """An SSE response over `group`'s outputs; the group is closed however the stream ends."""
+
+    async def close_group() -> None:
+        # Runs even when the client left before the first chunk (the body never started).
+        group.close(client_left=True)
+
+    return StreamingResponse(
+        _sse_events(request, group, consumer, keepalive_s),
+        media_type=SSE_MEDIA_TYPE,
+        headers=sse_headers(),
+        background=BackgroundTask(close_group),
+    )
+
+
+async def _sse_events(
+    request: Request, group: GenerationGroup, consumer: OutputConsumer, keepalive_s: float
+) -> AsyncIterator[bytes]:
+    try:
+        async for event in group.events(keepalive_s):
+            if event is KEEPALIVE:
+                yield SSE_KEEPALIVE
+                continue
+            for chunk in consumer.update(*event):
+                yield sse_event(chunk)
+        for chunk in consumer.final_chunks():
+            yield sse_event(chunk)
+    except Exception as exc:
+        group.close()
+        logger.warning("stream failed after it started: %s", exc, exc_info=not hasattr(exc, "status"))
+        yield sse_error_event(exc)
+    finally:
+        # Cancellation (the client left) lands here too: abort what still runs, count the exit.
+        group.close(client_left=True)
+        _report_usage(request, consumer)
+    yield SSE_DONE
+
+
+async def collect(request: Request, group: GenerationGroup, consumer: OutputConsumer) -> bool:
+    """Feed every output to `consumer`; abort if the client leaves. True when it left."""
+
+    async def consume() -> None:
+        async for event in group.events():
+            if event is not KEEPALIVE:
+                consumer.update(*event)
+
+    try:
+        _, client_left = await until_disconnected(request, consume())
+    except BaseException:
+        group.close()
+        raise
+    finally:
+        _report_usage(request, consumer)
+    if client_left:
+        group.close(client_left=True)
+    return client_left
+
+
+def _report_usage(request: Request, consumer: OutputConsumer) -> None:
+    usage = consumer.usage()
+    request.state.usage = (usage.prompt_tokens, usage.completion_tokens)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[T | None, bool]:
+    """Run `work` unless the client disconnects first: `(result, False)` or `(None, True)`.
+
+    A non-streaming handler otherwise notices a dead client only when it writes the answer
+    (vLLM's `with_cancellation` runs the same race). `work` is cancelled if the client leaves.
+    """
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+    if job.cancelled():
+        return None, True
+    return job.result(), False
+
+
+async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,1 @@
+"""Deployment tests: docker/ (Dockerfiles, compose, Prometheus, Grafana) checked without a Docker engine."""
