@@ -188,13 +188,15 @@ class LLMEngine:
             return outputs
         results = self._execute(plan)
         with self._lock:
-            outputs.extend(self._update(plan, results))
+            step_outputs, num_generated = self._update(plan, results)
+            outputs.extend(step_outputs)
             self.last_stats = EngineStats(self.scheduler.num_running_seqs, self.scheduler.num_waiting,
                                           self.pool.usage, sum(s.num_tokens for s in plan.prefills),
-                                          self.last_stats.num_generation_tokens)
+                                          num_generated)
         return outputs
 
     def stats(self) -> EngineStats:
+        """Queue and slot gauges now, and the token counts of the last step (zero for an idle one)."""
         with self._lock:
             return EngineStats(self.scheduler.num_running_seqs, self.scheduler.num_waiting, self.pool.usage,
                                self.last_stats.num_prompt_tokens, self.last_stats.num_generation_tokens)
@@ -274,7 +276,8 @@ class LLMEngine:
                 results.prefill_logits[seg] = f"prefill failed: {exc}"
         return results
 
-    def _update(self, plan: StepPlan, results: _StepResults) -> list[RequestOutput]:
+    def _update(self, plan: StepPlan, results: _StepResults) -> tuple[list[RequestOutput], int]:
+        """Apply a step's results; returns the outputs and the number of tokens sampled."""
         touched: dict[str, Request] = {}
         rows: list[Tensor] = []
         row_targets: list[tuple[Request, Choice]] = []
@@ -314,7 +317,7 @@ class LLMEngine:
             rows.append(results.decode_logits[row])
             row_targets.append((request, choice))
         self._sample_and_append(rows, row_targets)
-        return self._collect_outputs(touched)
+        return self._collect_outputs(touched), len(rows)
 
     def _start_decoding(self, request: Request, last_logits: Tensor, rows: list[Tensor],
                         row_targets: list[tuple[Request, Choice]]) -> None:
@@ -332,7 +335,6 @@ class LLMEngine:
 
     def _sample_and_append(self, rows: list[Tensor], row_targets: list[tuple[Request, Choice]]) -> None:
         if not rows:
-            self.last_stats.num_generation_tokens = 0
             return
         logits = torch.stack(rows)
         if self._num_untokenizable:
@@ -352,7 +354,6 @@ class LLMEngine:
                     # the complete state after every token it consumed, and the logits it ended on
                     self.prefix_cache.insert_final(fed, self.pool.snapshot(choice.slot_id), logits[i])
                 self.scheduler.finish_sequence(request.request_id, choice.slot_id)
-        self.last_stats.num_generation_tokens = len(rows)
 
     def _store_boundary(self, request: Request, tokens: list[int], snapshot: SlotSnapshot,
                         last_logits: Tensor | None = None) -> None:

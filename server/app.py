@@ -19,9 +19,10 @@ from server.access_log import AccessLogMiddleware, BodySizeLimitMiddleware
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.protocol import ModelCard, ModelList
+from server.protocol import ModelCard, ModelList, SessionResponse
 from server.serving_chat import create_chat_completion
 from server.serving_completions import create_completion
+from server.serving_sessions import load_session, props, save_session
 from server.serving_tokens import detokenize, tokenize, tokenizer_info
 from server.settings import ServerSettings
 from server.state import EngineFactory, ServerState, get_state, load_engine
@@ -61,6 +62,9 @@ def build_app(
     route("/tokenize", tokenize, methods=["POST"])
     route("/detokenize", detokenize, methods=["POST"])
     route("/tokenizer_info", tokenizer_info, methods=["GET"])
+    route("/props", props, methods=["GET"])
+    route("/v1/sessions/save", save_session, methods=["POST"], response_model=SessionResponse)
+    route("/v1/sessions/load", load_session, methods=["POST"], response_model=SessionResponse)
 
     # Added innermost first: a request meets the access log, then auth, then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

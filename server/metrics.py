@@ -90,6 +90,10 @@ class Metrics:
         self._generation_tokens = self._counter("generation_tokens", "Generated tokens.")
         self._cache_queries = self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self._cache_hits = self._counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self._cache_evictions = self._counter(
+            "prefix_cache_evictions", "State snapshots moved out of a prefix-cache tier (device to host, or dropped)."
+        )
+        self._cache_bytes = self._gauge("prefix_cache_stored_bytes", "Bytes of state snapshots in the prefix cache.")
         self._disconnects = self._counter(
             "http_requests_client_disconnected", "Requests whose client left before the response finished."
         )
@@ -163,6 +167,11 @@ class Metrics:
         """One prefix-cache lookup, in tokens; hit rate = rate(hits) / rate(queries)."""
         self._cache_queries.inc(num_queried_tokens)
         self._cache_hits.inc(num_hit_tokens)
+
+    def set_prefix_cache_usage(self, *, stored_bytes: int, new_evictions: int) -> None:
+        """Bytes the prefix cache holds now, and evictions since the last call."""
+        self._cache_bytes.set(stored_bytes)
+        self._cache_evictions.inc(new_evictions)
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)

@@ -489,3 +489,30 @@ class ErrorResponse(BaseModel):
     """OpenAI's nested error body: `{"error": {"message", "type", "param", "code"}}`."""
 
     error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------------- sessions
+class SessionSaveRequest(BaseModel):
+    """Save the cached state of a conversation under `name`. The conversation is given as token ids
+    (`prompt`, exact), text (`prompt`), or chat `messages` rendered without a generation prompt; the
+    longest cached state it begins with is saved."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    model: str | None = None
+    prompt: str | list[Annotated[int, Field(ge=0)]] | None = None
+    messages: list[ChatCompletionMessageParam] | None = None
+    add_special_tokens: bool = True
+
+
+class SessionLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    model: str | None = None
+
+
+class SessionResponse(BaseModel):
+    name: str
+    num_tokens: int  # tokens the saved or restored state covers

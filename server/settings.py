@@ -76,6 +76,13 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Host-memory tier of the prefix cache: snapshots evicted from the device go here first.",
     )
+    session_dir: Path | None = Field(
+        None, description="Directory for named conversation states (POST /v1/sessions/save and /load); "
+        "unset: sessions are off. Needs the prefix cache."
+    )
+    max_session_bytes: int = Field(
+        1 << 30, ge=1024, description="Largest session file /v1/sessions/load reads, in bytes."
+    )
     api_key: str | None = Field(
         None,
         description="Require 'Authorization: Bearer <key>' on every route but /health, /version and /metrics. "

@@ -63,8 +63,7 @@ class ServerState:
         self.load_error: str | None = None
         self._loader: threading.Thread | None = None
         self._llm: LLMEngine | None = None
-        self._counted_stats: EngineStats | None = None
-        self._cache_counted = (0, 0)  # prefix-cache (queried, hit) tokens already in the metrics
+        self._cache_counted = (0, 0, 0)  # prefix-cache (queried, hit) tokens and evictions already counted
 
     # ------------------------------------------------------------------------------ lifecycle
     def start_loading(self) -> None:
@@ -75,7 +74,6 @@ class ServerState:
         try:
             llm = self._engine_factory(self.settings)
             self._llm = llm
-            self._counted_stats = llm.last_stats
             self.info = ModelInfo(max_model_len=llm.config.max_model_len, num_slots=llm.pool.num_slots)
             self._set_info_metrics(llm)
             engine = AsyncEngine(llm, step_observer=self._on_step)
@@ -111,21 +109,17 @@ class ServerState:
         num_checkpoints = None
         if cache is not None:
             # The cache counts in tokens since it was created; the counters move by the difference.
-            queried, hits = cache.stats.queried_tokens, cache.stats.hit_tokens
+            queried, hits, evictions = cache.stats.queried_tokens, cache.stats.hit_tokens, cache.stats.evictions
             self.metrics.on_prefix_cache_lookup(num_queried_tokens=queried - self._cache_counted[0],
                                                 num_hit_tokens=hits - self._cache_counted[1])
-            self._cache_counted = (queried, hits)
+            self.metrics.set_prefix_cache_usage(stored_bytes=cache.stored_bytes(),
+                                                new_evictions=evictions - self._cache_counted[2])
+            self._cache_counted = (queried, hits, evictions)
             num_checkpoints = len(cache)
         self.metrics.set_scheduler_stats(stats.num_running, stats.num_waiting, stats.slot_usage,
                                          num_checkpoints=num_checkpoints)
-        # NOTE: a step with nothing to compute (only aborts) leaves `last_stats` as it was, and
-        # `stats()` then repeats the previous step's token counts; a new `last_stats` object is
-        # what marks a step that really ran, so only those are counted.
-        current = self._llm.last_stats if self._llm is not None else None
-        if current is not self._counted_stats:
-            self._counted_stats = current
-            self.metrics.on_step(num_prompt_tokens=stats.num_prompt_tokens,
-                                 num_generation_tokens=stats.num_generation_tokens)
+        self.metrics.on_step(num_prompt_tokens=stats.num_prompt_tokens,
+                             num_generation_tokens=stats.num_generation_tokens)
 
     async def shutdown(self) -> None:
         """Stop the engine; the requests still running (uvicorn's wait has expired) are aborted."""
@@ -161,6 +155,11 @@ class ServerState:
         """404 unless `requested` is empty or our model's name (vLLM accepts an omitted model)."""
         if requested and requested != self.model_name:
             raise model_not_found(requested)
+
+    def require_llm_engine(self) -> LLMEngine:
+        """The engine core (for state introspection and sessions), or a 503 while none runs."""
+        self.require_engine()
+        return self._llm
 
     @property
     def max_model_len(self) -> int:
