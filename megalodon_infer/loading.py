@@ -180,15 +180,18 @@ def load_model(
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     torch_dtype = parse_dtype(dtype)
-    cfg = read_config(path)
-    state_dict = read_state_dict(path)
+    model = build_model(read_config(path), read_state_dict(path))
+    return model.prepare_for_inference(torch_dtype, device, rope_freqs_bf16)
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> Megalodon:
+    """A model holding `state_dict`'s tensors (checked against `cfg`), without a second copy of them."""
     with torch.device("meta"):
         model = Megalodon(cfg)
-    sd = check_state_dict(model, state_dict)
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(check_state_dict(model, state_dict), strict=True, assign=True)
     if cfg.share_emb:
         model.output.output.weight = model.embed.weight
-    return model.prepare_for_inference(torch_dtype, device, rope_freqs_bf16)
+    return model
 
 
 def save_model(model: Megalodon, path: str | Path) -> None:

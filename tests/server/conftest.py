@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_harness import ServerProcess, demo_model_available, make_tiny_model_dir
+from http_harness import ServerProcess
 
 from server.settings import demo_model_dir
 
@@ -35,11 +35,12 @@ MODEL_NAME = "test-model"
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled demo model if it is installed, else a tiny random model with a trained tokenizer."""
-    if demo_model_available():
-        return demo_model_dir()
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+def model_dir() -> Path:
+    """The bundled demo model: what `megalodon-serve` serves by default."""
+    path = demo_model_dir()
+    if not (path / "model.safetensors").is_file() or not (path / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"the bundled demo model is missing from {path}: run scripts/train_demo.py")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,80 +8,20 @@ standard library (nothing is downloaded).
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-import sentencepiece as spm
 from prometheus_client.parser import text_string_to_metric_families
-
-from megalodon_infer import ModelConfig, save_model
-from megalodon_infer.model.init import random_model
-from server.settings import demo_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
-TINY_VOCAB = 512
-TRAINING_CHARS = 200_000
-
-
-def demo_model_available() -> bool:
-    return (demo_model_dir() / "model.safetensors").is_file() and (demo_model_dir() / "tokenizer.model").is_file()
-
-
-def _stdlib_lines(max_chars: int) -> list[str]:
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    lines: list[str] = []
-    total = 0
-    for path in sorted(lib.glob("*.py")):
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.strip():
-                lines.append(line)
-                total += len(line)
-        if total >= max_chars:
-            break
-    return lines
-
-
-def train_tokenizer(path: Path) -> None:
-    """A LLaMA-style BPE (byte fallback, identity normalization, <s>=1, </s>=2) at `path`."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_stdlib_lines(TRAINING_CHARS)),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=TINY_VOCAB,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
-
-
-def make_tiny_model_dir(path: Path, *, with_tokenizer: bool = True) -> Path:
-    """A random 2-layer Megalodon (chunk size 32) saved in our format, plus a tokenizer."""
-    config = ModelConfig(num_layers=2, model_dim=64, z_dim=32, value_dim=64, num_heads=2, ffn_hidden_dim=128,
-                         cema_ndim=4, chunk_size=32, norm_num_groups=4, vocab_size=TINY_VOCAB, swiglu=True)
-    save_model(random_model(config, seed=0), path)
-    if with_tokenizer:
-        train_tokenizer(path / "tokenizer.model")
-    return path
 
 
 def free_port() -> int:
