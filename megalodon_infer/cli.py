@@ -1,8 +1,8 @@
-"""`megalodon-infer`: offline model tools (convert a checkpoint, describe a model).
+"""`megalodon-infer`: offline model tools (convert a checkpoint, describe a model, generate text).
 
 Owns argument parsing and the user-facing messages of these commands; the work itself is
-`loading.py` (formats, checks) and `model/state.py` (state sizes). A bad input ends with one line
-on stderr and exit status 1, never a traceback. Knows nothing of the server or the engine.
+`loading.py` (formats, checks), `model/state.py` (state sizes) and the engine (`generate`). A bad
+input ends with one line on stderr and exit status 1, never a traceback. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
 
 from .config import ConfigError, ModelConfig
+from .demo import DEMO_MODEL_DIR
+from .engine import LLMEngine
 from .loading import (
     WEIGHTS_FILE,
     CheckpointError,
@@ -32,6 +35,7 @@ from .loading import (
 )
 from .model.megalodon import Megalodon
 from .model.state import request_state_bytes, slot_bytes
+from .sampling_params import SamplingParams
 
 # Tokenizer files travel with a converted checkpoint (the official layout keeps them beside it).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -160,6 +164,42 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else _format_info(info))
 
 
+def generate(model: Path, prompt: str, params: SamplingParams, dtype: str = "float32", device: str = "cpu",
+             out: TextIO | None = None) -> tuple[int, str | None, float]:
+    """Stream a completion of `prompt` to `out` (default: standard output) as it is generated.
+
+    Returns (tokens generated, finish reason, seconds from the first token to the last).
+    """
+    out = out or sys.stdout
+    engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, max_num_seqs=1)
+    if engine.tokenizer is None:
+        raise CliError(f"{model} has no tokenizer.model: generate needs one (serve it and send token ids instead)")
+    engine.add_request("cli", engine.tokenizer.encode(prompt), params)
+    num_tokens, finish_reason, first, last = 0, None, None, None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            for delta in output.outputs:
+                out.write(delta.text)
+                out.flush()
+                num_tokens += len(delta.token_ids)
+                finish_reason = delta.finish_reason or finish_reason
+                if delta.token_ids:
+                    first, last = first or time.perf_counter(), time.perf_counter()
+    return num_tokens, finish_reason, (last - first) if first is not None else 0.0
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=args.stop or [],
+                            repetition_penalty=args.repetition_penalty)
+    if args.echo:
+        sys.stdout.write(prompt)
+    num_tokens, reason, seconds = generate(args.model, prompt, params, args.dtype, args.device)
+    rate = f", {(num_tokens - 1) / seconds:.1f} tokens/s" if num_tokens > 1 and seconds > 0 else ""
+    print(f"\n[{num_tokens} tokens, finish reason: {reason}{rate}]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megalodon-infer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -179,8 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
 
-    # NOTE: every subcommand is a parser here plus one `_cmd_<name>(args)` function above;
-    # `generate` joins the same way.
+    p = commands.add_parser("generate", help="complete a prompt, streaming the text to the terminal")
+    p.add_argument("prompt", help="the text to continue ('-' reads it from standard input)")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="model directory (default: the demo model)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.set_defaults(func=_cmd_generate)
+
+    # NOTE: every subcommand is a parser here plus one `_cmd_<name>(args)` function above.
     return parser
 
 

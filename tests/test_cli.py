@@ -183,3 +183,21 @@ def test_console_entry_point_runs_as_a_process(parity_dir):
     bad = subprocess.run([sys.executable, "-m", "megalodon_infer.cli", "convert", str(parity_dir / "nope"), "x"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_streams_the_engines_text(capsys):
+    from megalodon_infer import SamplingParams
+    from megalodon_infer.demo import demo_model_dir
+    from megalodon_infer.llm import LLM
+
+    prompt = "import os\n\ndef read_config(path):\n"
+    assert main(["generate", prompt, "--max-tokens", "24", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    expected = LLM(demo_model_dir()).generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert captured.out == expected.outputs[0].text
+    assert f"[{len(expected.outputs[0].token_ids)} tokens, finish reason: " in captured.err
+
+
+def test_generate_needs_a_tokenizer(parity_dir, capsys):
+    assert main(["generate", "hello", "--model", str(parity_dir)]) == 1
+    assert "has no tokenizer.model" in capsys.readouterr().err
