@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalodon_infer import ModelConfig  # noqa: E402
+from megalodon_infer.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from megalodon_infer.kernels import decode, load_cuda_extension  # noqa: E402
-from megalodon_infer.kernels.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from megalodon_infer.model.megalodon import Megalodon  # noqa: E402
 from megalodon_infer.model.state import MegalodonState, allocate_state  # noqa: E402
 

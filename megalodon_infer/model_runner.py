@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .kernels.cuda_graphs import DecodeGraphRunner
+from .cuda_graphs import DecodeGraphRunner
 from .model.megalodon import Megalodon
 from .state_pool import StatePool
 

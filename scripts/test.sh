@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 python -m ruff check .
+lint-imports --no-cache  # layers import downward only (contracts in pyproject.toml)
 python -m pytest -q "$@"

@@ -1,8 +1,9 @@
 """Fused decode kernels (csrc/) and their torch reference twins, with the one-time choice between them.
 
-`decode` holds the ops (fused beside `*_ref`), `dispatch` picks an implementation per device and
-logs it, `build` compiles the extensions, `cuda_graphs` captures whole-model decode steps. This
-package knows the state layout and the math, never requests, schedulers or the server.
+`decode` holds the ops (fused beside `*_ref`), `reference` the pure-torch math they share with the
+model's modules (TimestepNorm, CEMA), `dispatch` picks an implementation per device and logs it,
+`build` compiles the extensions. This package knows the state layout and the math, never the
+model's modules, requests, schedulers or the server.
 """
 
 from .build import ExtensionBuildError, load_cpu_extension, load_cuda_extension, loaded_extensions

@@ -6,9 +6,9 @@ and writes the state *pool* tensors of a MegalodonState layer directly: batch ro
 `slot_ids[b]`, never row b, and slot ids must be distinct. Nothing here syncs with the host except
 where a reference says so.
 
-The reference math is the model's own: TimestepNorm and CEMA come from `model.norms` and `model.cema`
-(leaf modules that import nothing of the model), and `chunk_attention` below is the one definition
-of chunk attention, used by the model's prefill path too.
+The reference math is the model's own: TimestepNorm and CEMA come from `reference` (which the
+model's modules call too), and `chunk_attention` below is the one definition of chunk attention,
+used by the model's prefill path as well.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..model.cema import CemaCoeffs, cema_step
-from ..model.norms import timestep_norm
+from .reference import CemaCoeffs, cema_step, timestep_norm
 
 
 class _TimestepNormLike(Protocol):

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..kernels.decode import CemaWeights, TsnWeights, chunk_attention
 from ..kernels.dispatch import DecodeKernels
-from .cema import CEMA, cema_parallel
-from .norms import RMSNorm, TimestepNorm, head_rms_norm, stat_dtype_for
+from ..kernels.reference import cema_parallel, stat_dtype_for
+from .cema import CEMA
+from .norms import RMSNorm, TimestepNorm, head_rms_norm
 from .state import MegalodonState
 
 

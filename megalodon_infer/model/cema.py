@@ -11,21 +11,11 @@ from the stored parameters whatever their dtype, as the official `_calc_coeffs` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-@dataclass(frozen=True)
-class CemaCoeffs:
-    """p: [D, N] real; log_q: [D, N] complex; q: [D, N] complex; eta: [D, N] complex; omega: [D] real."""
-
-    p: Tensor
-    log_q: Tensor
-    q: Tensor
-    eta: Tensor
-    omega: Tensor
+from ..kernels.reference import CemaCoeffs
 
 
 class CEMA(nn.Module):
@@ -72,40 +62,3 @@ class CEMA(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook signature
         self._coeffs = None  # a dtype/device move or weight load invalidates the cache
         return super()._apply(fn, recurse)
-
-
-def cema_step(x: Tensor, h: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
-    """One recurrence step. x: [B, D] real (stat dtype); h: [B, D, N] complex. Returns (y [B, D], h')."""
-    h = c.p * x[..., None] + c.q * h
-    y = torch.einsum("dn,bdn->bd", c.eta, h).real + c.omega * x
-    return y, h
-
-
-def cema_parallel(x: Tensor, h0: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
-    """CEMA over a segment from an incoming state, in the official parallel form.
-
-    y = causal_conv(x, K) + bias(h0) + omega * x, with kernel K_d[j] = Re sum_k eta p q^j (FFT
-    convolution), bias_d[t] = Re sum_k eta q^{t+1} h0, and final state
-    h_L = q^L h0 + p sum_j q^{L-1-j} x_j.
-
-    Args:
-        x: [B, L, D] real (stat dtype).
-        h0: [B, D, N] complex incoming state.
-    Returns:
-        y: [B, L, D]; h_L: [B, D, N].
-    """
-    B, L, D = x.shape
-    if L == 1:
-        y, h = cema_step(x[:, 0], h0, c)
-        return y[:, None], h
-    steps = torch.arange(L + 1, dtype=x.dtype, device=x.device)
-    powers = torch.exp(c.log_q[..., None] * steps)  # [D, N, L+1]: q^0 .. q^L
-    kernel = torch.einsum("dn,dnl->dl", c.eta * c.p, powers[..., :L]).real  # [D, L]
-    xt = x.transpose(1, 2)  # [B, D, L]
-    n_fft = 1 << (2 * L - 1).bit_length()
-    y = torch.fft.irfft(torch.fft.rfft(xt, n=n_fft) * torch.fft.rfft(kernel, n=n_fft), n=n_fft)[..., :L]
-    y = y + torch.einsum("dn,bdn,dnl->bdl", c.eta, h0, powers[..., 1:]).real
-    y = y + c.omega[:, None] * xt
-    weighted = torch.einsum("bdl,dnl->bdn", xt.to(powers.dtype), powers[..., :L].flip(-1))
-    h = powers[..., L] * h0 + c.p * weighted
-    return y.transpose(1, 2), h

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..kernels.decode import CemaWeights, TsnWeights
 from ..kernels.dispatch import DecodeKernels, requested_mode, select_decode_kernels
+from ..kernels.reference import stat_dtype_for
 from .attention import LayerState, RotaryEmbedding
 from .block import MegaBlock
-from .norms import TimestepNorm, stat_dtype_for
+from .norms import TimestepNorm
 from .state import MegalodonState, allocate_state
 
 

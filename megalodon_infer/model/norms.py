@@ -10,58 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def stat_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of norm statistics and CEMA math for a given compute dtype (fp32 unless fp64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def timestep_norm(
-    x: Tensor,
-    count0: Tensor,
-    mean0: Tensor,
-    var0: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    num_groups: int,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped TimestepNorm over a segment, continuing from running statistics.
-
-    The statistics after token t are the exact mean and population variance of every scalar of the
-    group seen so far (prefix included), so y_t is GroupNorm over the whole causal prefix.
-
-    Args:
-        x: [B, L, D] input.
-        count0: [B] int64, timesteps already folded into (mean0, var0).
-        mean0, var0: [B, G] running group mean and population variance (stat dtype).
-        weight, bias: [D] affine, applied as (1 + weight) and bias.
-    Returns:
-        y: [B, L, D] in x's dtype; mean, var: [B, G] statistics after the last token.
-    """
-    B, L, D = x.shape
-    G = num_groups
-    sd = mean0.dtype
-    xs = x.to(sd).view(B, L, G, D // G)
-    tok_mean = xs.mean(dim=-1)  # [B, L, G]
-    tok_var = xs.var(dim=-1, unbiased=False)
-    n0 = count0.to(sd)[:, None, None]  # [B, 1, 1]
-    # NOTE: shifted-data accumulation. Sums are taken relative to a shift close to the running mean
-    # (the previous mean, or the first token's mean on a fresh state), so E[x^2] - mean^2 does not
-    # cancel catastrophically. For L == 1 this is algebraically the Welford merge of the official
-    # kernel: mean += (m - mean) / n; var = (1-c) var + c v + c (1-c) (m - mean)^2 with c = 1/n.
-    shift = torch.where(n0 > 0, mean0[:, None, :], tok_mean[:, :1, :])  # [B, 1, G]
-    prior_dev = mean0[:, None, :] - shift
-    dev = tok_mean - shift
-    total = n0 + torch.arange(1, L + 1, dtype=sd, device=x.device)[None, :, None]  # [B, L, 1]
-    sum_dev = n0 * prior_dev + torch.cumsum(dev, dim=1)
-    sum_sq = n0 * (var0[:, None, :] + prior_dev * prior_dev) + torch.cumsum(tok_var + dev * dev, dim=1)
-    mean_dev = sum_dev / total
-    mean = shift + mean_dev  # [B, L, G]
-    var = (sum_sq / total - mean_dev * mean_dev).clamp_min(0.0)
-    y = (xs - mean[..., None]) * torch.rsqrt(var[..., None] + eps)
-    y = y.reshape(B, L, D) * (1.0 + weight.to(sd)) + bias.to(sd)
-    return y.to(x.dtype), mean[:, -1], var[:, -1]
+from ..kernels.reference import stat_dtype_for, timestep_norm
 
 
 class TimestepNorm(nn.Module):

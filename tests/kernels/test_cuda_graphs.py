@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megalodon_infer import ModelConfig
+from megalodon_infer.cuda_graphs import DecodeGraphRunner
 from megalodon_infer.kernels import load_cuda_extension
-from megalodon_infer.kernels.cuda_graphs import DecodeGraphRunner
 from megalodon_infer.model.init import random_model
 
 from .conftest import NO_CUDA

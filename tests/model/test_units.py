@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from megalodon_infer.model.cema import CEMA, cema_parallel, cema_step
-from megalodon_infer.model.norms import timestep_norm
+from megalodon_infer.kernels.reference import cema_parallel, cema_step, timestep_norm
+from megalodon_infer.model.cema import CEMA
 
 
 def test_timestep_norm_statistics_are_exact_prefix_moments():

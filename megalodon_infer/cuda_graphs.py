@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..model.megalodon import Megalodon
-    from ..model.state import MegalodonState
+    from .model.megalodon import Megalodon
+    from .model.state import MegalodonState
 
 logger = logging.getLogger(__name__)
 
