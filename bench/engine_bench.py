@@ -11,8 +11,9 @@ NOTE: a decode step's cost depends on the state's size, not on how it was filled
 state is synthesised at the target context instead of prefilling 32K tokens on a laptop-class CPU:
 Megalodon's slot gets position = context (its current chunk holds context mod C random keys), or,
 past the first chunk, a position whose chunk is full (C - 1 keys: the most expensive decode step
-of the whole chunk cycle); the transformer's cache holds `context` random keys and values. Configurations whose transformer KV
-cache would exceed --kv-budget-gb are reported as not fitting, which is the point of the comparison.
+of the whole chunk cycle); the transformer's cache holds `context` random keys and values.
+Configurations whose transformer KV cache would exceed --kv-budget-gb are reported as not fitting,
+which is the point of the comparison.
 """
 
 from __future__ import annotations
