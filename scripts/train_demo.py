@@ -70,7 +70,7 @@ class Recipe:
     seq_len: int = 1024
     # Optimiser: AdamW, linear warmup then cosine decay to min_lr, gradient clipping.
     batch_size: int = 4
-    steps: int = 600
+    steps: int = 1500
     warmup_steps: int = 40
     lr: float = 2e-3
     min_lr: float = 1e-4
