@@ -9,7 +9,6 @@ SSE framing live elsewhere.
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from fastapi import Request
@@ -35,7 +34,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.state import get_state
-from server.streaming import CLIENT_CLOSED_REQUEST, collect, streaming_response, usage_options
+from server.streaming import CLIENT_CLOSED_REQUEST, StreamAssembler, collect, streaming_response
 
 ASSISTANT = "assistant"
 
@@ -71,19 +70,18 @@ class _Choice:
         self.stop_reason: int | str | None = None
 
 
-class ChatAssembler:
+class ChatAssembler(StreamAssembler):
     """Builds the stream chunks and the final response of one chat completions request."""
+
+    chunk_type = ChatCompletionStreamResponse
 
     def __init__(self, body: ChatCompletionRequest, num_prompt_tokens: int, formatter: TokenFormatter,
                  response_id: str, model_name: str) -> None:
         self.formatter = formatter
         self.num_prompt_tokens = num_prompt_tokens
-        self.response_id = response_id
-        self.model_name = model_name
-        self.created = int(time.time())
+        super().__init__(response_id, model_name, body.stream_options)
         self.want_logprobs = body.logprobs
         self.top_logprobs = body.top_logprobs or 0
-        self.include_usage, self.continuous_usage = usage_options(body.stream_options)
         self.choices = [_Choice() for _ in range(body.n or 1)]
         self.num_cached_tokens = 0
         self.role_sent = False
@@ -110,16 +108,6 @@ class ChatAssembler:
                     logprobs=ChatCompletionLogProbs(content=entries) if self.want_logprobs else None,
                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)))
         return chunks
-
-    def _chunk(self, choice: ChatCompletionResponseStreamChoice) -> ChatCompletionStreamResponse:
-        return ChatCompletionStreamResponse(id=self.response_id, created=self.created, model=self.model_name,
-                                            choices=[choice], usage=self.usage() if self.continuous_usage else None)
-
-    def final_chunks(self) -> list[BaseModel]:
-        if not self.include_usage:
-            return []
-        return [ChatCompletionStreamResponse(id=self.response_id, created=self.created, model=self.model_name,
-                                             choices=[], usage=self.usage())]
 
     def usage(self) -> UsageInfo:
         return UsageInfo.of(prompt_tokens=self.num_prompt_tokens,

@@ -7,7 +7,6 @@ legacy logprobs, and usage. Tokenization, the engine bridge and the SSE framing 
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from fastapi import Request
@@ -37,7 +36,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.state import get_state
-from server.streaming import CLIENT_CLOSED_REQUEST, collect, streaming_response, usage_options
+from server.streaming import CLIENT_CLOSED_REQUEST, StreamAssembler, collect, streaming_response
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
@@ -72,20 +71,19 @@ class _Choice:
         self.stop_reason: int | str | None = None
 
 
-class CompletionAssembler:
+class CompletionAssembler(StreamAssembler):
     """Builds the stream chunks and the final response of one completions request."""
+
+    chunk_type = CompletionStreamResponse
 
     def __init__(self, body: CompletionRequest, prompts: list[PromptInput], formatter: TokenFormatter,
                  response_id: str, model_name: str) -> None:
         self.body = body
         self.prompts = prompts
         self.formatter = formatter
-        self.response_id = response_id
-        self.model_name = model_name
-        self.created = int(time.time())
+        super().__init__(response_id, model_name, body.stream_options)
         self.n = body.n or 1
         self.want_logprobs = body.logprobs is not None
-        self.include_usage, self.continuous_usage = usage_options(body.stream_options)
         self.choices = [_Choice(formatter) for _ in range(len(prompts) * self.n)]
         self.prompt_logprobs: dict[int, PromptLogprobs] = {}
         self.num_cached_tokens = [0] * len(prompts)
@@ -124,16 +122,6 @@ class CompletionAssembler:
             return prompt.text
         tokenizer = self.formatter.tokenizer
         return tokenizer.decode(prompt.token_ids) if tokenizer is not None else ""
-
-    def _chunk(self, choice: CompletionResponseStreamChoice) -> CompletionStreamResponse:
-        return CompletionStreamResponse(id=self.response_id, created=self.created, model=self.model_name,
-                                        choices=[choice], usage=self.usage() if self.continuous_usage else None)
-
-    def final_chunks(self) -> list[BaseModel]:
-        if not self.include_usage:
-            return []
-        return [CompletionStreamResponse(id=self.response_id, created=self.created, model=self.model_name,
-                                         choices=[], usage=self.usage())]
 
     def usage(self) -> UsageInfo:
         return UsageInfo.of(prompt_tokens=sum(len(prompt.token_ids) for prompt in self.prompts),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -40,6 +41,35 @@ class OutputConsumer(Protocol):
         """Chunks sent after the last output (the usage chunk, when asked for)."""
 
     def usage(self) -> UsageInfo: ...
+
+
+class StreamAssembler:
+    """What the chat and completions assemblers share: the response id, and wrapping choices into
+    stream chunks (with running usage when asked) plus the final usage-only chunk.
+
+    Subclasses set `chunk_type` (the endpoint's stream response model) and implement `usage()`.
+    """
+
+    chunk_type: type[BaseModel]
+
+    def __init__(self, response_id: str, model_name: str, stream_options: object | None) -> None:
+        self.response_id = response_id
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.include_usage, self.continuous_usage = usage_options(stream_options)
+
+    def usage(self) -> UsageInfo:
+        raise NotImplementedError
+
+    def _chunk(self, choice: BaseModel) -> BaseModel:
+        return self.chunk_type(id=self.response_id, created=self.created, model=self.model_name, choices=[choice],
+                               usage=self.usage() if self.continuous_usage else None)
+
+    def final_chunks(self) -> list[BaseModel]:
+        if not self.include_usage:
+            return []
+        return [self.chunk_type(id=self.response_id, created=self.created, model=self.model_name, choices=[],
+                                usage=self.usage())]
 
 
 def usage_options(stream_options: object | None) -> tuple[bool, bool]:
