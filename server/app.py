@@ -19,7 +19,8 @@ from server.access_log import AccessLogMiddleware, BodySizeLimitMiddleware
 from server.auth import APIKeyMiddleware
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.protocol import ModelCard, ModelList, SessionResponse
+from server.protocol import ModelCard, ModelList
+from server.protocol_extensions import SessionResponse
 from server.serving_chat import create_chat_completion
 from server.serving_completions import create_completion
 from server.serving_sessions import load_session, props, save_session

@@ -14,7 +14,8 @@ from megalodon_infer import request_state_bytes
 from megalodon_infer.sessions import SessionError
 from server.errors import OpenAIError, invalid_request
 from server.prompts import chat_prompt, encode_text
-from server.protocol import ChatCompletionRequest, SessionLoadRequest, SessionResponse, SessionSaveRequest
+from server.protocol import ChatCompletionRequest
+from server.protocol_extensions import SessionLoadRequest, SessionResponse, SessionSaveRequest
 from server.state import ServerState, get_state
 
 

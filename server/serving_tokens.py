@@ -10,8 +10,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from server.prompts import chat_prompt, encode_text
-from server.protocol import (
-    ChatCompletionRequest,
+from server.protocol import ChatCompletionRequest
+from server.protocol_extensions import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeChatRequest,

@@ -29,11 +29,9 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeRequest,
     UsageInfo,
 )
+from server.protocol_extensions import TokenizeChatRequest, TokenizeCompletionRequest, TokenizeRequest
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -406,7 +404,7 @@ def test_chat_errors_name_the_field_the_client_sent() -> None:
 def test_wire_modules_do_not_import_torch_or_the_engine() -> None:
     # STYLE "things to avoid" 2: wire types, errors, SSE and metrics stay importable without torch.
     code = (
-        "import sys, server.protocol, server.errors, server.metrics, server.sse; "
+        "import sys, server.protocol, server.protocol_extensions, server.errors, server.metrics, server.sse; "
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('megalodon_infer')]; "
         "assert not bad, bad"
     )
