@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and contexts (smoke test)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--kv-budget-gb", type=float, default=8.0, help="largest baseline KV cache to allocate")
     parser.add_argument("--threads", type=int, default=None)
