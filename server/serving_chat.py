@@ -13,7 +13,7 @@ import uuid
 
 from fastapi import Request
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from megalodon_infer.outputs import RequestOutput
 from server.access_log import arrival_time_of
@@ -34,7 +34,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.state import get_state
-from server.streaming import CLIENT_CLOSED_REQUEST, StreamAssembler, collect, streaming_response
+from server.streaming import StreamAssembler, respond
 
 ASSISTANT = "assistant"
 
@@ -54,11 +54,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     consumer = ChatAssembler(body, len(prompt.token_ids), formatter, response_id, state.model_name)
     group = GenerationGroup(engine, state.metrics, arrival)
     await group.start([EngineRequest(f"{response_id}-0", prompt.token_ids, params)])
-    if body.stream:
-        return streaming_response(request, group, consumer, state.settings.keepalive_interval)
-    if await collect(request, group, consumer):
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(consumer.response().model_dump(mode="json"))
+    return await respond(request, group, consumer, body.stream, state.settings.keepalive_interval)
 
 
 class _Choice:

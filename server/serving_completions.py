@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import Request
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from megalodon_infer.outputs import RequestOutput
 from megalodon_infer.sampling import PromptLogprobs
@@ -36,7 +36,7 @@ from server.protocol import (
     UsageInfo,
 )
 from server.state import get_state
-from server.streaming import CLIENT_CLOSED_REQUEST, StreamAssembler, collect, streaming_response
+from server.streaming import StreamAssembler, respond
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
@@ -53,11 +53,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     group = GenerationGroup(engine, state.metrics, arrival)
     await group.start([EngineRequest(f"{response_id}-{i}", prompt.token_ids, params[i])
                        for i, prompt in enumerate(prompts)])
-    if body.stream:
-        return streaming_response(request, group, consumer, state.settings.keepalive_interval)
-    if await collect(request, group, consumer):
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(consumer.response().model_dump(mode="json"))
+    return await respond(request, group, consumer, body.stream, state.settings.keepalive_interval)
 
 
 class _Choice:

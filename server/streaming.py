@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from megalodon_infer.outputs import RequestOutput
 from server.generation import KEEPALIVE, GenerationGroup
@@ -41,6 +41,9 @@ class OutputConsumer(Protocol):
         """Chunks sent after the last output (the usage chunk, when asked for)."""
 
     def usage(self) -> UsageInfo: ...
+
+    def response(self) -> BaseModel:
+        """The whole non-streaming response, once every choice has finished."""
 
 
 class StreamAssembler:
@@ -117,6 +120,17 @@ async def _sse_events(
         group.close(client_left=True)
         _report_usage(request, consumer)
     yield SSE_DONE
+
+
+async def respond(request: Request, group: GenerationGroup, consumer: OutputConsumer, stream: bool,
+                  keepalive_s: float) -> Response:
+    """The HTTP answer of a started generation: an SSE stream, or one JSON body once every choice has
+    finished (499, logged only, when the client left first)."""
+    if stream:
+        return streaming_response(request, group, consumer, keepalive_s)
+    if await collect(request, group, consumer):
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(consumer.response().model_dump(mode="json"))
 
 
 async def collect(request: Request, group: GenerationGroup, consumer: OutputConsumer) -> bool:

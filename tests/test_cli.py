@@ -3,45 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_helpers import copy_official, logits_of, write_shards
 
 from megalodon_infer import load_model, request_state_bytes, slot_bytes
 from megalodon_infer.cli import main
-from megalodon_infer.loading import shard_merge_axis
-
-
-def logits_of(model, n: int = 40, seed: int = 0) -> torch.Tensor:
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
-    return model(tokens, model.init_state(1))[0]
-
-
-def copy_official(parity_dir: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "official"
-    shutil.copytree(parity_dir, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    dst.chmod(0o755)
-    return dst
-
-
-def write_shards(ckpt: Path, num_shards: int) -> None:
-    """Replace consolidated.pth by model-parallel shards split along the official axes."""
-    sd = torch.load(ckpt / "consolidated.pth", weights_only=True)
-    (ckpt / "consolidated.pth").unlink()
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    for key, tensor in sd.items():
-        axis = shard_merge_axis(key)
-        parts = [tensor] * num_shards if axis is None else torch.chunk(tensor, num_shards, dim=axis)
-        for shard, part in zip(shards, parts, strict=True):
-            shard[key] = part.clone()
-    for rank, shard in enumerate(shards):
-        torch.save(shard, ckpt / f"consolidated.{rank:02d}.pth")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

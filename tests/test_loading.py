@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
+from checkpoint_helpers import copy_official, logits_of, split_into_shards, write_shards
 
 from megalodon_infer import CheckpointError, ModelConfig, load_model, save_model
-from megalodon_infer.loading import merge_shards, shard_merge_axis
+from megalodon_infer.loading import merge_shards
 from megalodon_infer.model.init import random_model
-
-
-def logits_of(model, n=40, seed=0):
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
-    return model(tokens, model.init_state(1))[0]
-
-
-def copy_official(parity_dir, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(parity_dir, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    dst.chmod(0o755)
-    return dst
-
-
-def split_into_shards(sd: dict, num_shards: int) -> list[dict]:
-    shards = [{} for _ in range(num_shards)]
-    for key, tensor in sd.items():
-        axis = shard_merge_axis(key)
-        parts = [tensor] * num_shards if axis is None else torch.chunk(tensor, num_shards, dim=axis)
-        for shard, part in zip(shards, parts, strict=True):
-            shard[key] = part.clone()
-    return shards
 
 
 def test_safetensors_round_trip_gives_identical_logits(parity_dir, tmp_path):
@@ -61,10 +37,7 @@ def test_round_trip_of_every_embedding_option(tmp_path, share_emb):
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_model_parallel_shards_merge_to_the_same_model(parity_dir, tmp_path, num_shards):
     ckpt = copy_official(parity_dir, tmp_path)
-    sd = torch.load(ckpt / "consolidated.pth", weights_only=True)
-    (ckpt / "consolidated.pth").unlink()
-    for rank, shard in enumerate(split_into_shards(sd, num_shards)):
-        torch.save(shard, ckpt / f"consolidated.{rank:02d}.pth")
+    write_shards(ckpt, num_shards)
     merged = load_model(ckpt)
     assert torch.equal(logits_of(merged), logits_of(load_model(parity_dir)))
 
