@@ -32,6 +32,7 @@ from megalodon_infer.kernels import decode, load_cpu_extension  # noqa: E402
 from megalodon_infer.model.init import random_model  # noqa: E402
 from megalodon_infer.model.megalodon import Megalodon  # noqa: E402
 from megalodon_infer.model.state import MegalodonState, allocate_state  # noqa: E402
+from megalodon_infer.worker.decode_ops import build_decode_ops  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 MODELS = {
@@ -82,7 +83,7 @@ def op_timings(model: Megalodon, state: MegalodonState, batch: int, iters: int) 
     cfg = model.config
     g = torch.Generator().manual_seed(1)
     slot_ids = torch.arange(batch)
-    tsn, cema = model.decode_weights().layers[0]
+    tsn, cema = build_decode_ops(model, torch.bfloat16, "fused").layers[0]
     x = torch.randn(batch, cfg.model_dim, generator=g)
     H, dz, dv = cfg.num_heads, cfg.head_z_dim, cfg.head_value_dim
     q = torch.randn(batch, H, dz, generator=g) / dz**0.5
@@ -111,9 +112,9 @@ def model_timing(model: Megalodon, batch: int, fill: int, steps: int) -> dict:
     slot_ids = torch.arange(batch)
     result = {}
     for mode in ("reference", "fused"):
-        model.set_decode_kernels(mode)
+        ops = build_decode_ops(model, torch.bfloat16, mode)
         state = random_state(model, batch, fill, seed=3)
-        seconds = median_seconds(lambda s=state: model.decode_step(tokens, s, slot_ids), steps)
+        seconds = median_seconds(lambda s=state, o=ops: model.decode_step(tokens, s, slot_ids, o), steps)
         result[mode] = batch / seconds
         del state
     return dict(what="whole-model decode step", batch=batch, unit="tokens/s", reference=result["reference"],

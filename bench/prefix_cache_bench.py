@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from megalodon_infer import ModelConfig, SamplingParams, load_model
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.engine_config import EngineConfig
+from megalodon_infer.config import EngineConfig
+from megalodon_infer.engine.llm_engine import LLMEngine
 from megalodon_infer.model.init import random_model
 
 QUICK = ModelConfig(num_layers=2, model_dim=64, z_dim=32, value_dim=128, num_heads=1, ffn_hidden_dim=128,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         model, name = random_model(QUICK, seed=0, randomize_all=False), "tiny random model"
         chunks, repeats = [1, 4], 1
     else:
-        from megalodon_infer.demo import demo_model_dir
+        from tools.demo_scoring import demo_model_dir
 
         path = args.model or demo_model_dir()
         model, name = load_model(path), str(path)

@@ -20,10 +20,9 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, ModelConfig
-from .demo import DEMO_MODEL_DIR
-from .engine import LLMEngine
-from .loading import (
+from megalodon_infer.config import DEMO_MODEL_DIR, ConfigError, EngineConfig, ModelConfig
+from megalodon_infer.engine.llm_engine import LLMEngine
+from megalodon_infer.model.loading import (
     WEIGHTS_FILE,
     CheckpointError,
     build_model,
@@ -33,9 +32,9 @@ from .loading import (
     read_state_dict,
     save_model,
 )
-from .model.megalodon import Megalodon
-from .model.state import request_state_bytes, slot_bytes
-from .sampling_params import SamplingParams
+from megalodon_infer.model.megalodon import Megalodon
+from megalodon_infer.model.state import request_state_bytes, slot_bytes
+from megalodon_infer.sample.params import SamplingParams
 
 # Tokenizer files travel with a converted checkpoint (the official layout keeps them beside it).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -165,13 +164,14 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def generate(model: Path, prompt: str, params: SamplingParams, dtype: str = "float32", device: str = "cpu",
-             out: TextIO | None = None) -> tuple[int, str | None, float]:
+             out: TextIO | None = None, torch_threads: int | None = None) -> tuple[int, str | None, float]:
     """Stream a completion of `prompt` to `out` (default: standard output) as it is generated.
 
     Returns (tokens generated, finish reason, seconds from the first token to the last).
     """
     out = out or sys.stdout
-    engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, max_num_seqs=1)
+    engine = LLMEngine.from_config(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=1,
+                                                torch_threads=torch_threads))
     if engine.tokenizer is None:
         raise CliError(f"{model} has no tokenizer.model: generate needs one (serve it and send token ids instead)")
     engine.add_request("cli", engine.tokenizer.encode(prompt), params)
@@ -195,7 +195,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                             repetition_penalty=args.repetition_penalty)
     if args.echo:
         sys.stdout.write(prompt)
-    num_tokens, reason, seconds = generate(args.model, prompt, params, args.dtype, args.device)
+    num_tokens, reason, seconds = generate(args.model, prompt, params, args.dtype, args.device,
+                                           torch_threads=args.torch_threads)
     rate = f", {(num_tokens - 1) / seconds:.1f} tokens/s" if num_tokens > 1 and seconds > 0 else ""
     print(f"\n[{num_tokens} tokens, finish reason: {reason}{rate}]", file=sys.stderr)
 
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads torch may use (default: the CPUs this process may use, minus one, at least one)")
     p.set_defaults(func=_cmd_generate)
 
     # NOTE: every subcommand is a parser here plus one `_cmd_<name>(args)` function above.

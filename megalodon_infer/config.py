@@ -1,8 +1,11 @@
-"""Model configuration with the official `ModelConf` field names and defaults.
+"""The two configurations: the model's shape (`ModelConfig`) and how the engine runs it (`EngineConfig`).
 
-Owns reading a model's shape from an official `config.json` (its `model` section) or from our own
-`config.json`, and rejecting inconsistent values with a message that names the field. Knows nothing
-of weights, devices or requests.
+`ModelConfig` holds the official `ModelConf` field names and defaults, read from an official
+`config.json` (its `model` section) or ours, and rejects inconsistent values with a message naming
+the field. `EngineConfig` is the one declaration of every engine option: each field is a keyword of
+`LLM(...)`/`LLMEngine.from_config`, a `MEGALODON_*` environment variable (pydantic-settings) and,
+through `server.settings`, a `megalodon-serve` flag. Nothing here imports torch, so reading the
+configuration (and `megalodon-serve --help`) stays fast.
 """
 
 from __future__ import annotations
@@ -10,9 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MEGALODON_"
+# The bundled demo model (package data): what the server and `LLM()` run when given no model.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+KERNEL_MODES = ("auto", "reference", "fused")
+# Positions are int64: without a cap, this is the longest context a request can reach (what the
+# server reports as max_model_len to clients that budget prompts by it).
+MAX_POSITION = 2**63 - 1
 
 # Fields the official trainer writes that do nothing at inference; accepted and ignored.
 _TRAINING_ONLY_FIELDS = frozenset({"custom_bwd", "loss_parallel"})
@@ -150,3 +162,79 @@ def _describe_validation_error(exc: ValidationError) -> str:
         else:
             parts.append(f"invalid config: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+class EngineConfig(BaseSettings):
+    """How the engine loads, schedules and sizes a model. Validated once, frozen afterwards.
+
+    Every field is also read from `MEGALODON_<FIELD>` (explicit keywords win), so a deployment can
+    set any of them from the environment; `megalodon-serve` adds a flag per field.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model: Path = Field(
+        DEMO_MODEL_DIR,
+        description="Model directory: config.json + weights (model.safetensors or official consolidated*.pth), "
+        "optionally tokenizer.model. Defaults to the bundled demo model.")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field(
+        "float32", description="Weight and KV dtype; the recurrent state stays fp32/complex64.")
+    device: str = Field("cpu", description="Torch device to run the model on (cpu, cuda, cuda:1, ...).")
+    kernels: Literal["auto", "reference", "fused"] = Field(
+        "auto", description="Decode kernels: 'auto' uses the fused C++/CUDA ops when they build and load (else the "
+        "torch reference, logged), 'fused' makes a failed build an error, 'reference' forces the torch twins.")
+    cuda_graphs: bool = Field(
+        True, description="On a CUDA device with fused kernels, replay decode steps from CUDA graphs.")
+    max_num_seqs: int = Field(16, ge=1, description="State slots: sequences decoding at once (n counts each).")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Tokens per engine step: one per decoding sequence, the rest spent on prefill.")
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Sequences allowed to wait for a slot; beyond it requests are refused as overloaded "
+        "(HTTP 429 with Retry-After).")
+    max_model_len: int | None = Field(
+        None, ge=0, description="Optional cap on prompt + completion tokens (0 or unset: no cap). A request's memory "
+        "does not grow with its context and positions are 64-bit, so by default any length is served.")
+    default_max_tokens: int | None = Field(
+        65536, ge=0, description="Output tokens a request that leaves max_tokens open may generate (it stops earlier "
+        "at EOS or a stop condition, and never beyond --max-model-len); 0: no limit.")
+    state_memory_limit_bytes: int | None = Field(
+        None, ge=1, description="Refuse to start if the state slots would need more bytes than this.")
+    prefix_cache_bytes: int | None = Field(
+        None, ge=0, description="Device-memory budget of the recurrent-state prefix cache, in bytes; 0 turns the "
+        "cache off. Unset: sized from the memory free after the weights and state slots are allocated (25% on "
+        "the device; see docs/serving.md), logged at start.")
+    prefix_cache_host_bytes: int | None = Field(
+        None, ge=0, description="Host-memory tier of the prefix cache: snapshots evicted from the device go here "
+        "first. Unset: 25% of the available host memory when the model is on a GPU, none on the CPU (the device "
+        "tier is host memory already).")
+    state_store_dir: Path | None = Field(
+        None, description="Folder shared by every replica of a model (a shared volume across machines): each "
+        "finished request's final state is written there in the session format, and a replica given a prompt it "
+        "holds no long prefix of resumes from it instead of prefilling. Unset: off. Needs the prefix cache.")
+    state_store_bytes: int = Field(
+        8 << 30, ge=1 << 20, description="Byte budget of --state-store-dir; the least recently used states are "
+        "deleted beyond it.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch may use. Unset: one less than the CPUs this process may use "
+        "(its affinity and cgroup CPU quota), at least one, so the server's own threads and a busy neighbour "
+        "never stall torch's parallel regions.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        # 0 spells "no limit" on a command line; keep one spelling inside
+        if self.max_model_len == 0:
+            object.__setattr__(self, "max_model_len", None)
+        if self.default_max_tokens == 0:
+            object.__setattr__(self, "default_max_tokens", None)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2 (or 0 for no cap), got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running sequence decodes each step; prefill needs room left over
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})")
+        return self
+
+    def engine_fields(self) -> dict[str, Any]:
+        """This configuration's engine options as keywords (a subclass's extra fields left out)."""
+        return {name: getattr(self, name) for name in EngineConfig.model_fields}

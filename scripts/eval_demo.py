@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megalodon_infer import load_model  # noqa: E402
-from megalodon_infer.demo import context_nll, demo_model_dir, sequence_nll, unigram_nll  # noqa: E402
 from megalodon_infer.model.megalodon import Megalodon  # noqa: E402
 from megalodon_infer.model.state import MegalodonState  # noqa: E402
-from megalodon_infer.tokenizer import Tokenizer  # noqa: E402
+from megalodon_infer.tokenization.tokenizer import Tokenizer  # noqa: E402
+from tools.demo_scoring import context_nll, demo_model_dir, sequence_nll, unigram_nll  # noqa: E402
 
 DATA = REPO / "tests" / "data"
 CONTEXT_CHUNKS = (0, 1, 2, 4, 8)

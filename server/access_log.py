@@ -9,6 +9,7 @@ line is written when the response has been sent (for a stream: when it ends).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -21,6 +22,8 @@ from server.errors import OpenAIError
 logger = logging.getLogger("megalodon.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# The status logged for a request whose client left before the answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 # Echo only ids that are safe to put in a header and a log line.
 _SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
@@ -47,7 +50,7 @@ class AccessLogMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["arrival_time"] = arrival
-        status = 500  # what the client gets if the app fails before answering
+        status: int | None = None  # set when the response starts
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -61,7 +64,9 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if self.enabled:
-                self._log(scope, state, status, time.monotonic() - arrival)
+                # no response: the client left (499, set where that was seen), else the app failed (500)
+                logged = status if status is not None else state.get("status", 500)
+                self._log(scope, state, logged, time.monotonic() - arrival)
 
     @staticmethod
     def _log(scope: Scope, state: dict, status: int, seconds: float) -> None:
@@ -82,15 +87,18 @@ class AccessLogMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with a 413 before the app parses them.
+    """Refuse request bodies over `max_bytes` with a 413 before the app parses them, and bodies that
+    take longer than `timeout_s` to arrive with a 408.
 
     The body is read here (at most `max_bytes` are buffered) and replayed to the app; after the
-    replay, `receive` is the server's own, so the app still learns about disconnects.
+    replay, `receive` is the server's own, so the app still learns about disconnects. A client
+    that leaves while sending is logged as 499 (nginx's "client closed request"), not 500.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,9 +110,16 @@ class BodySizeLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                error = OpenAIError(408, f"The request body did not arrive within {self.timeout_s:g} s.")
+                await error.to_response()(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left while sending
+                scope.setdefault("state", {})["status"] = CLIENT_CLOSED_REQUEST
                 return
             chunk = message.get("body", b"")
             size += len(chunk)

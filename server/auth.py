@@ -23,28 +23,46 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def tenant_of(key: str) -> str:
+    """A key's public name: what scopes its sessions and its prefix-cache namespace (never the key)."""
+    return hashlib.sha256(b"megalodon-tenant:" + key.encode("utf-8")).hexdigest()[:16]
+
+
 class APIKeyMiddleware:
     """Answer 401 (OpenAI error shape) unless the request carries `Authorization: Bearer <key>`
-    for one of `api_keys`. Public paths and non-HTTP scopes pass through."""
+    for one of `api_keys` (or `admin_key`). Public paths and non-HTTP scopes pass through.
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+    An accepted request's scope state gets `tenant` (the key's `tenant_of`) and `is_admin`.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str], admin_key: str | None = None) -> None:
         self.app = app
-        self._digests = [_digest(key) for key in api_keys]
+        keys = list(api_keys) + ([admin_key] if admin_key else [])
+        self._digests = [(_digest(key), tenant_of(key), key == admin_key) for key in keys]
         if not self._digests:
             raise ValueError("APIKeyMiddleware needs at least one key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        await unauthorized().to_response()(scope, receive, send)
+        identity = self._identify(scope)
+        if identity is None:
+            await unauthorized().to_response()(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["tenant"], state["is_admin"] = identity
+        await self.app(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _identify(self, scope: Scope) -> tuple[str, bool] | None:
         header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
         scheme, _, token = header.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer":
-            return False
+            return None
         given = _digest(token.strip())
         # Compare against every key (no early exit), so timing does not reveal which one matched.
-        matches = [hmac.compare_digest(given, digest) for digest in self._digests]
-        return any(matches)
+        found = None
+        for digest, tenant, is_admin in self._digests:
+            if hmac.compare_digest(given, digest) and found is None:
+                found = (tenant, is_admin)
+        return found

@@ -1,8 +1,10 @@
 """`megalodon-serve`: flags (or `MEGALODON_*` environment variables) -> settings -> uvicorn.
 
-Owns the command line and the process: logging, torch threads, the uvicorn server and signals.
-SIGTERM stops accepting connections, lets in-flight requests finish (up to `--drain-timeout`
-seconds), stops the engine and exits 0. A model that fails to load exits 1; bad flags exit 2.
+Owns the command line and the process: logging, the checks made before anything starts, the uvicorn
+server and the exit status. Bad flags exit 2. A missing or bad checkpoint, or a port in use, is one
+line on stderr and exit 1, before the server claims to be running (and before any thread starts).
+SIGTERM drains (`server.lifecycle`), stops the engine and exits 0. A model whose weights fail to
+load later (on the loader thread) exits 1 with one line.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-import uvicorn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 import megalodon_infer
-from server.app import build_app
 from server.settings import ENV_PREFIX, ServerSettings
 
 logger = logging.getLogger("megalodon.server")
@@ -45,7 +45,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> N
     flag = "--" + name.replace("_", "-")
     env = ENV_PREFIX + name.upper()
     default = field.get_default(call_default_factory=True)
-    help_text = f"{field.description} [env: {env}] (default: {default})"
+    # argparse %-formats help strings
+    help_text = f"{field.description} [env: {env}] (default: {default})".replace("%", "%%")
     choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
     # Values stay strings here; pydantic converts and validates them together with the env vars.
     # SUPPRESS keeps flags that were not given out of the namespace, so the env var still applies.
@@ -69,11 +70,20 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
         raise  # parser.error exits; this keeps type checkers informed
 
 
-def _check_model_dir(settings: ServerSettings) -> str | None:
-    if (settings.model / "config.json").is_file():
-        return None
-    return (f"no model at {settings.model} (config.json missing); pass --model or set {ENV_PREFIX}MODEL "
-            "to a checkpoint directory")
+def _preflight(settings: ServerSettings) -> str | None:
+    """Why the server cannot start (checked without reading the weights), or None."""
+    if not (settings.model / "config.json").is_file():
+        return (f"no model at {settings.model} (config.json missing); pass --model or set {ENV_PREFIX}MODEL "
+                "to a checkpoint directory")
+    from megalodon_infer.model.loading import CheckpointError, inspect_checkpoint
+    from megalodon_infer.tokenization.tokenizer import Tokenizer
+
+    try:
+        inspect_checkpoint(settings.model)
+        Tokenizer.from_dir(settings.model)
+    except (CheckpointError, ValueError, OSError) as exc:
+        return f"cannot serve {settings.model}: {exc}"
+    return None
 
 
 def _configure_logging(level: str) -> None:
@@ -92,17 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGTERM or Ctrl-C; returns the process exit status."""
     settings = parse_settings(argv)
     _configure_logging(settings.log_level)
-    problem = _check_model_dir(settings)
+    problem = _preflight(settings)
     if problem is not None:
-        logger.error(problem)
-        return EXIT_BAD_USAGE
-    if settings.torch_threads is not None:
-        import torch
+        print(f"megalodon-serve: {problem}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    # NOTE: imported only now, so `--help` and bad flags answer without loading torch and uvicorn.
+    import uvicorn
 
-        torch.set_num_threads(settings.torch_threads)
+    from server.app import build_app
+    from server.lifecycle import DrainingServer, PortInUseError, bind_socket, deadline_protocol
+
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except PortInUseError as exc:
+        print(f"megalodon-serve: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def stop_after_load_failure() -> None:
         if server is not None:
@@ -111,22 +127,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = build_app(settings, on_fatal=stop_after_load_failure)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_config=None,  # our logging setup above; uvicorn's loggers propagate to it
         log_level=settings.log_level,
         access_log=False,  # AccessLogMiddleware writes richer lines (request id, tokens)
-        timeout_graceful_shutdown=settings.drain_timeout,
+        timeout_graceful_shutdown=5,  # the drain has already let requests finish (server.lifecycle)
+        http=deadline_protocol(settings.header_timeout),
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.megalodon, settings.drain_timeout)
     logger.info("serving %s from %s on http://%s:%d (%s, %s)", settings.model_name, settings.model,
                 settings.host, settings.port, settings.dtype, settings.device)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
-    if app.state.megalodon.load_error is not None:
+    load_error = app.state.megalodon.load_error
+    if load_error is not None:
+        print(f"megalodon-serve: the model failed to load: {load_error}", file=sys.stderr)
         return EXIT_LOAD_FAILED
     return 0
 

@@ -8,9 +8,10 @@ raise `ValueError` naming the field, which `server.errors` turns into a 400.
 from dataclasses import fields
 from typing import Any
 
-from megalodon_infer.sampling_params import SamplingParams
+from megalodon_infer.sample.params import SamplingParams, StructuredOutputsParams
 from server.errors import InvalidParameterError
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.structured import constraint_of
 
 # Request fields that map one-to-one onto SamplingParams fields of the same name. Left out (None)
 # means "SamplingParams' own default", so the engine stays the single source of defaults.
@@ -32,14 +33,14 @@ _PASSTHROUGH = (
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 
-def to_sampling_params(
-    req: CompletionRequest | ChatCompletionRequest, *, default_max_tokens: int
-) -> SamplingParams:
+def to_sampling_params(req: CompletionRequest | ChatCompletionRequest,
+                       tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """Build the engine's sampling settings for one request.
 
-    `default_max_tokens` is used when the request leaves the output length open (completions
-    `max_tokens: null`; chat with neither `max_tokens` nor `max_completion_tokens`); the server
-    passes `max_model_len - prompt_len`, as vLLM does.
+    An output length left open (completions `max_tokens: null`; chat with neither `max_tokens` nor
+    `max_completion_tokens`) stays None: the engine gives it the room the context leaves, as vLLM does.
+    The structured-outputs constraint is what the request's `response_format` or `structured_outputs`
+    asks for, unless chat forces tool calls (`tool_constraint`, its tool plan's grammar).
 
     Raises `ValueError` (an `InvalidParameterError` carrying `.param`) for a bad value.
     """
@@ -49,15 +50,16 @@ def to_sampling_params(
     kwargs["stop"] = _stop(req.stop)
     kwargs["stop_token_ids"] = list(req.stop_token_ids or [])
     kwargs["logit_bias"] = _logit_bias(req.logit_bias)
+    kwargs["structured_outputs"] = tool_constraint or constraint_of(req.response_format, req.structured_outputs)
 
     if isinstance(req, ChatCompletionRequest):
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        kwargs["max_tokens"] = _first_given(req.max_completion_tokens, req.max_tokens, default_max_tokens)
+        kwargs["max_tokens"] = _first_given(req.max_completion_tokens, req.max_tokens)
         # Chat's `logprobs` is a switch and `top_logprobs` the count; the engine only wants the count.
         kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
     else:
         max_tokens_param = "max_tokens"
-        kwargs["max_tokens"] = _first_given(req.max_tokens, default_max_tokens)
+        kwargs["max_tokens"] = req.max_tokens
         kwargs["logprobs"] = req.logprobs
         # `echo` with `logprobs` scores the prompt too (lm-eval loglikelihood): the same top-k count
         # is asked for on every prompt position.

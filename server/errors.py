@@ -24,6 +24,7 @@ _TYPE_BY_STATUS = {
     403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     409: "ConflictError",
     413: "RequestTooLargeError",
     422: "UnprocessableEntityError",
@@ -129,22 +130,6 @@ def prompt_too_long_message(*, max_model_len: int, num_prompt_tokens: int) -> st
         f"This model's maximum context length is {max_model_len} tokens. However, your request has "
         f"{num_prompt_tokens} input tokens. Please reduce the length of the input messages."
     )
-
-
-def check_context_length(*, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    """Raise a 400 `context_length_exceeded` if the request cannot fit in `max_model_len`.
-
-    `max_tokens=None` means "fill the rest of the context", so only the prompt is checked.
-    """
-    if num_prompt_tokens > max_model_len:
-        message = prompt_too_long_message(max_model_len=max_model_len, num_prompt_tokens=num_prompt_tokens)
-    elif max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        message = context_length_message(
-            max_model_len=max_model_len, num_prompt_tokens=num_prompt_tokens, max_tokens=max_tokens
-        )
-    else:
-        return
-    raise invalid_request(message, param="input_tokens", code="context_length_exceeded")
 
 
 def to_openai_error(exc: BaseException) -> OpenAIError:

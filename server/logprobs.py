@@ -7,38 +7,11 @@ and the rule that a completions `top_logprobs` dict holds the chosen token plus 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pydantic import BaseModel
 
-from megalodon_infer.outputs import TokenLogprob
-from megalodon_infer.sampling import PromptLogprobs
-from megalodon_infer.tokenizer import Tokenizer
+from megalodon_infer.sample.logprobs import TokenLogprob
+from megalodon_infer.tokenization.tokenizer import Tokenizer
 from server.protocol import ChatCompletionLogProb, ChatCompletionLogProbsContent, CompletionLogProbs
-
-
-@dataclass(frozen=True)
-class LogprobEntry:
-    """One position: the token there, its logprob (None for the first prompt token) and the top k."""
-
-    token_id: int
-    logprob: float | None
-    top: list[tuple[int, float]] | None
-
-
-def prompt_entries(prompt_logprobs: PromptLogprobs | None) -> list[LogprobEntry]:
-    if prompt_logprobs is None:
-        return []
-    return [
-        LogprobEntry(token_id, logprob, top)
-        for token_id, logprob, top in zip(
-            prompt_logprobs.token_ids, prompt_logprobs.logprobs, prompt_logprobs.top_logprobs, strict=True
-        )
-    ]
-
-
-def sampled_entries(logprobs: list[TokenLogprob] | None) -> list[LogprobEntry]:
-    return [LogprobEntry(lp.token_id, lp.logprob, lp.top) for lp in logprobs or []]
 
 
 def tokens_as_ids(body: BaseModel) -> bool:
@@ -92,7 +65,7 @@ class CompletionLogprobsBuilder:
         self.formatter = formatter
         self.offset = 0
 
-    def build(self, entries: list[LogprobEntry]) -> CompletionLogProbs:
+    def build(self, entries: list[TokenLogprob]) -> CompletionLogProbs:
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         text_offset: list[int] = []
@@ -113,13 +86,3 @@ class CompletionLogprobsBuilder:
         # Built through the constructor so the wire type clamps -inf to its floor.
         return CompletionLogProbs(tokens=tokens, token_logprobs=token_logprobs, text_offset=text_offset,
                                   top_logprobs=top_logprobs)
-
-
-def concat_completion_logprobs(parts: list[CompletionLogProbs]) -> CompletionLogProbs:
-    """The chunks of one choice joined back into one object."""
-    return CompletionLogProbs(
-        tokens=[token for part in parts for token in part.tokens],
-        token_logprobs=[value for part in parts for value in part.token_logprobs],
-        text_offset=[offset for part in parts for offset in part.text_offset],
-        top_logprobs=[top for part in parts for top in part.top_logprobs],
-    )

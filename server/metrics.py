@@ -26,6 +26,9 @@ from prometheus_client import (
 )
 
 PREFIX = "megalodon:"
+# The gauges that routers built for vLLM (llm-d's scorers, production-stack, KServe) read to pick a
+# replica, also exported under vLLM's own names: `kv_cache_usage_perc` is the state-slot usage.
+VLLM_PREFIX = "vllm:"
 LABEL_NAMES = ("model_name", "engine")
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 
@@ -44,6 +47,8 @@ REQUEST_LATENCY_BUCKETS = (
 )  # fmt: skip
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+# The largest token-count bucket when the context has no cap (vLLM sizes them by max_model_len).
+MAX_TOKENS_BUCKET = 10_000_000
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -68,6 +73,8 @@ class Metrics:
     """
 
     def __init__(self, model_name: str, *, max_model_len: int, engine: str = "0") -> None:
+        """`max_model_len`: the largest token count the per-request token histograms resolve (the
+        context cap, as in vLLM; the server passes MAX_TOKENS_BUCKET when there is none)."""
         self.registry = CollectorRegistry()
         # vLLM (single API process) also exposes process_* and python_* metrics.
         ProcessCollector(registry=self.registry)
@@ -82,6 +89,12 @@ class Metrics:
         self._slot_usage = self._gauge(
             "state_slot_usage_perc", "Fraction of recurrent-state slots in use (1 = full)."
         )
+        self._vllm_running, self._vllm_waiting, self._vllm_cache_usage = (
+            Gauge(VLLM_PREFIX + name, doc, labelnames=LABEL_NAMES, registry=self.registry).labels(*self._labels)
+            for name, doc in (("num_requests_running", "Number of requests in the running batch (vLLM's name)."),
+                              ("num_requests_waiting", "Number of requests waiting to be scheduled (vLLM's name)."),
+                              ("kv_cache_usage_perc", "Fraction of recurrent-state slots in use, 1 = full (vLLM's "
+                               "name for its KV-cache usage, which the slots stand in for).")))
         self._checkpoints = self._gauge(
             "num_state_checkpoints", "Chunk-boundary state checkpoints held by the prefix cache."
         )
@@ -151,9 +164,10 @@ class Metrics:
         self, num_running: int, num_waiting: int, slot_usage: float, *, num_checkpoints: int | None = None
     ) -> None:
         """Queue and capacity gauges, after each scheduling step. `slot_usage` is a fraction in [0, 1]."""
-        self._running.set(num_running)
-        self._waiting.set(num_waiting)
-        self._slot_usage.set(slot_usage)
+        for gauge, value in ((self._running, num_running), (self._waiting, num_waiting),
+                             (self._slot_usage, slot_usage), (self._vllm_running, num_running),
+                             (self._vllm_waiting, num_waiting), (self._vllm_cache_usage, slot_usage)):
+            gauge.set(value)
         if num_checkpoints is not None:
             self._checkpoints.set(num_checkpoints)
 

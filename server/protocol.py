@@ -33,6 +33,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from server.protocol_tools import (
+    ChatCompletionTool,
+    DeltaToolCall,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    ToolCall,
+    ToolChoice,
+)
+
 # The seed is a signed 64-bit integer downstream; bounds written out so this module needs no torch.
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -153,6 +162,9 @@ class _SamplingRequest(_RequestModel):
     prompt_logprobs: int | None = None
     request_id: str | None = None
     cache_salt: str | None = None
+    # Structured outputs: OpenAI's field, or vLLM's (json, regex, choice, grammar).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -220,11 +232,14 @@ MessageContent = Annotated[
 
 
 class ChatCompletionMessageParam(_RequestModel):
-    """One input message. `role` is free-form on purpose: the chat template decides what it accepts."""
+    """One input message. `role` is free-form on purpose: the chat template decides what it accepts.
+    An assistant message may carry the `tool_calls` it made; a `tool` message answers `tool_call_id`."""
 
     role: str
     content: MessageContent = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined with newlines, as vLLM does)."""
@@ -247,6 +262,9 @@ class ChatCompletionRequest(_SamplingRequest):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("top_logprobs")
     @classmethod
@@ -352,10 +370,19 @@ class ChatCompletionLogProbs(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """The assistant message of a non-streaming chat choice."""
+    """The assistant message of a non-streaming chat choice; `tool_calls` only when it made some
+    (then `content` is null unless it also wrote text)."""
 
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -382,6 +409,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -88,3 +88,4 @@ class SessionLoadRequest(BaseModel):
 class SessionResponse(BaseModel):
     name: str
     num_tokens: int  # tokens the saved or restored state covers
+    tenant: str | None = None  # the key's tenant that owns it (the admin key names it as TENANT/NAME)

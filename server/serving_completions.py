@@ -13,21 +13,13 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from megalodon_infer.outputs import RequestOutput
-from megalodon_infer.sampling import PromptLogprobs
+from megalodon_infer.engine.outputs import RequestOutput
+from megalodon_infer.sample.logprobs import TokenLogprob
 from server.access_log import arrival_time_of
-from server.generation import EngineRequest, GenerationGroup
-from server.logprobs import (
-    CompletionLogprobsBuilder,
-    TokenFormatter,
-    concat_completion_logprobs,
-    prompt_entries,
-    sampled_entries,
-    tokens_as_ids,
-)
-from server.prompts import PromptInput, completion_prompts, sampling_params_for
+from server.generation import EngineRequest, Generation, compile_constraints
+from server.logprobs import CompletionLogprobsBuilder, TokenFormatter, tokens_as_ids
+from server.prompts import PromptInput, completion_prompts, off_loop, sampling_params_for
 from server.protocol import (
-    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -37,6 +29,8 @@ from server.protocol import (
 )
 from server.state import get_state
 from server.streaming import StreamAssembler, respond
+from server.structured import constraint_param
+from server.tenancy import cache_salt
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
@@ -45,30 +39,29 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state.check_model(body.model)
     engine = state.require_engine()
     arrival = arrival_time_of(request.scope)
-    prompts = completion_prompts(state, body)
-    params = [sampling_params_for(body, prompt.token_ids, state.max_model_len) for prompt in prompts]
+    prompts = await completion_prompts(state, body)
+    params = [sampling_params_for(body) for _ in prompts]
     response_id = f"cmpl-{uuid.uuid4().hex}"
     formatter = TokenFormatter(state.tokenizer, as_ids=tokens_as_ids(body))
+    if body.echo and state.tokenizer is not None:  # the echoed text of token-id prompts, decoded once
+        prompts = [p if p.text is not None else PromptInput(p.token_ids, await off_loop(
+            len(p.token_ids), state.tokenizer.decode, p.token_ids)) for p in prompts]
     consumer = CompletionAssembler(body, prompts, formatter, response_id, state.model_name)
-    group = GenerationGroup(engine, state.metrics, arrival)
-    await group.start([EngineRequest(f"{response_id}-{i}", prompt.token_ids, params[i])
-                       for i, prompt in enumerate(prompts)])
-    return await respond(request, group, consumer, body.stream, state.settings.keepalive_interval)
-
-
-class _Choice:
-    def __init__(self, formatter: TokenFormatter) -> None:
-        self.text: list[str] = []
-        self.num_tokens = 0
-        self.logprobs = CompletionLogprobsBuilder(formatter)
-        self.logprob_parts: list[CompletionLogProbs] = []
-        self.echoed = False
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
+    salt = cache_salt(request, state.settings, body.cache_salt)
+    engine_requests = [EngineRequest(f"{response_id}-{i}", prompt.token_ids, params[i], salt)
+                       for i, prompt in enumerate(prompts)]
+    await compile_constraints(engine, engine_requests, constraint_param(body.response_format, body.structured_outputs))
+    generation = Generation(engine, state.metrics, arrival)
+    generation.start(engine_requests)
+    return await respond(request, generation, consumer, body.stream, state.settings.keepalive_interval)
 
 
 class CompletionAssembler(StreamAssembler):
-    """Builds the stream chunks and the final response of one completions request."""
+    """Turns the outputs of one completions request into stream chunks or the final response.
+
+    Per choice it keeps only what the wire format carries across chunks: whether the prompt was
+    echoed yet, the logprobs' running text offset, and the token count for usage.
+    """
 
     chunk_type = CompletionStreamResponse
 
@@ -80,37 +73,35 @@ class CompletionAssembler(StreamAssembler):
         super().__init__(response_id, model_name, body.stream_options)
         self.n = body.n or 1
         self.want_logprobs = body.logprobs is not None
-        self.choices = [_Choice(formatter) for _ in range(len(prompts) * self.n)]
-        self.prompt_logprobs: dict[int, PromptLogprobs] = {}
+        num_choices = len(prompts) * self.n
+        self.echoed = [False] * num_choices
+        self.logprobs = [CompletionLogprobsBuilder(formatter) for _ in range(num_choices)]
+        self.num_tokens = [0] * num_choices
         self.num_cached_tokens = [0] * len(prompts)
 
-    def update(self, index: int, output: RequestOutput) -> list[BaseModel]:
-        if output.prompt_logprobs is not None:
-            self.prompt_logprobs[index] = output.prompt_logprobs
+    def pieces(self, index: int, output: RequestOutput) -> list[CompletionResponseStreamChoice]:
+        """What `output` (of prompt `index`) adds to each of its choices."""
         self.num_cached_tokens[index] = output.num_cached_tokens
-        chunks: list[BaseModel] = []
+        pieces = []
         for delta in output.outputs:
             choice_index = index * self.n + delta.index
-            choice = self.choices[choice_index]
             text = delta.text
-            entries = sampled_entries(delta.logprobs) if self.want_logprobs else []
-            if self.body.echo and not choice.echoed:
-                choice.echoed = True
+            entries: list[TokenLogprob] = list(delta.logprobs or []) if self.want_logprobs else []
+            if self.body.echo and not self.echoed[choice_index]:
+                self.echoed[choice_index] = True
                 text = self._prompt_text(index) + text
                 if self.want_logprobs:
-                    entries = prompt_entries(self.prompt_logprobs.get(index)) + entries
-            choice.text.append(text)
-            choice.num_tokens += len(delta.token_ids)
-            logprobs = choice.logprobs.build(entries) if self.want_logprobs else None
-            if logprobs is not None:
-                choice.logprob_parts.append(logprobs)
-            if delta.finish_reason is not None:
-                choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+                    entries = list(output.prompt_logprobs or []) + entries
+            self.num_tokens[choice_index] += len(delta.token_ids)
+            logprobs = self.logprobs[choice_index].build(entries) if self.want_logprobs else None
             if text or delta.finish_reason is not None or (logprobs is not None and logprobs.tokens):
-                chunks.append(self._chunk(CompletionResponseStreamChoice(
+                pieces.append(CompletionResponseStreamChoice(
                     index=choice_index, text=text, logprobs=logprobs,
-                    finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)))
-        return chunks
+                    finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+        return pieces
+
+    def chunks(self, index: int, output: RequestOutput) -> list[BaseModel]:
+        return [self._chunk(piece) for piece in self.pieces(index, output)]
 
     def _prompt_text(self, index: int) -> str:
         prompt = self.prompts[index]
@@ -121,19 +112,11 @@ class CompletionAssembler(StreamAssembler):
 
     def usage(self) -> UsageInfo:
         return UsageInfo.of(prompt_tokens=sum(len(prompt.token_ids) for prompt in self.prompts),
-                            completion_tokens=sum(choice.num_tokens for choice in self.choices),
-                            cached_tokens=sum(self.num_cached_tokens))
+                            completion_tokens=sum(self.num_tokens), cached_tokens=sum(self.num_cached_tokens))
 
-    def response(self) -> CompletionResponse:
-        choices = [
-            CompletionResponseChoice(
-                index=i,
-                text="".join(choice.text),
-                logprobs=concat_completion_logprobs(choice.logprob_parts) if self.want_logprobs else None,
-                finish_reason=choice.finish_reason,
-                stop_reason=choice.stop_reason,
-            )
-            for i, choice in enumerate(self.choices)
-        ]
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        pieces = {piece.index: piece for index, output in enumerate(finals) for piece in self.pieces(index, output)}
+        choices = [CompletionResponseChoice(index=i, text=p.text, logprobs=p.logprobs, finish_reason=p.finish_reason,
+                                            stop_reason=p.stop_reason) for i, p in sorted(pieces.items())]
         return CompletionResponse(id=self.response_id, created=self.created, model=self.model_name,
                                   choices=choices, usage=self.usage())

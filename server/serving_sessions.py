@@ -7,49 +7,26 @@ restart into the prefix cache, so the next turn resumes without re-reading the h
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from fastapi import Request
 
-from megalodon_infer import request_state_bytes
-from megalodon_infer.sessions import SessionError
+from megalodon_infer.core.sessions import SessionError
 from server.errors import OpenAIError, invalid_request
-from server.prompts import chat_prompt, encode_text
+from server.prompts import chat_prompt, encode_text, off_loop
 from server.protocol import ChatCompletionRequest
 from server.protocol_extensions import SessionLoadRequest, SessionResponse, SessionSaveRequest
 from server.state import ServerState, get_state
+from server.tenancy import session_location
 
 
 async def props(request: Request) -> dict:
     """Chunk size, slots, bytes per slot and per snapshot, limits, prefix cache and kernel backend."""
     state = get_state(request)
-    llm = state.require_llm_engine()
-    cfg = llm.model.config
-    cache = llm.prefix_cache
-    kv_dtype, stat_dtype = llm.model.dtype, llm.model.stat_dtype
-    return {
-        "model": state.model_name,
-        "chunk_size": cfg.chunk_size,
-        "num_layers": cfg.num_layers,
-        "dtype": str(llm.model.dtype).removeprefix("torch."),
-        "device": str(llm.model.device),
-        "decode_kernels": llm.model.decode_backend,
-        "max_model_len": llm.config.max_model_len,
-        "max_num_seqs": llm.config.max_num_seqs,
-        "max_num_batched_tokens": llm.config.max_num_batched_tokens,
-        "num_state_slots": llm.pool.num_slots,
-        "bytes_per_slot": llm.pool.bytes_per_slot,
-        "state_pool_bytes": llm.pool.total_bytes,
-        "bytes_per_snapshot_at_chunk_boundary": request_state_bytes(cfg, kv_dtype, stat_dtype, num_kv=0),
-        "bytes_per_request_worst_case": request_state_bytes(cfg, kv_dtype, stat_dtype),
-        "prefix_cache": {
-            "enabled": cache is not None,
-            "device_bytes": llm.config.prefix_cache_bytes,
-            "host_bytes": llm.config.prefix_cache_host_bytes,
-            "stored_bytes": cache.stored_bytes() if cache is not None else 0,
-            "entries": len(cache) if cache is not None else 0,
-        },
-        "sessions": state.settings.session_dir is not None,
-    }
+    engine = state.require_engine()
+    # NOTE: read under the engine's lock, off the event loop (the engine thread mutates the cache).
+    engine_props = await asyncio.to_thread(engine.props)
+    return {"model": state.model_name, **engine_props, "sessions": state.settings.session_dir is not None}
 
 
 def _session_dir(state: ServerState):
@@ -59,15 +36,16 @@ def _session_dir(state: ServerState):
     return directory
 
 
-def _conversation_tokens(state: ServerState, body: SessionSaveRequest) -> list[int]:
+async def _conversation_tokens(state: ServerState, body: SessionSaveRequest) -> list[int]:
     if (body.prompt is None) == (body.messages is None):
         raise invalid_request("Give the conversation as exactly one of 'prompt' or 'messages'.", param="prompt")
     if body.messages is not None:
         chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=False)
-        return chat_prompt(state, chat).token_ids
+        return (await chat_prompt(state, chat)).token_ids
     if isinstance(body.prompt, str):
         tokenizer = state.require_tokenizer("a text prompt")
-        return encode_text(tokenizer, body.prompt, add_special_tokens=body.add_special_tokens, param="prompt")
+        return await off_loop(len(body.prompt), encode_text, tokenizer, body.prompt,
+                              add_special_tokens=body.add_special_tokens, param="prompt")
     return list(body.prompt)
 
 
@@ -76,26 +54,41 @@ def _session_error(exc: SessionError) -> OpenAIError:
     return OpenAIError(status, str(exc), param="name")
 
 
+def _owner_salt(state: ServerState, owner: str) -> str | None:
+    """The cache namespace a tenant's own requests use (`server.tenancy.cache_salt` without a salt)."""
+    return f"{owner}/" if owner and not state.settings.share_prefix_cache else None
+
+
 async def save_session(body: SessionSaveRequest, request: Request) -> SessionResponse:
+    """Save the conversation's cached state under `name`, in the folder of the caller's key."""
     state = get_state(request)
     state.check_model(body.model)
-    llm = state.require_llm_engine()
-    directory = _session_dir(state)
-    tokens = _conversation_tokens(state, body)
+    engine = state.require_engine()
+    directory, name, owner = _located(request, state, body.name)
+    tokens = await _conversation_tokens(state, body)
     try:
-        num_tokens = await asyncio.to_thread(llm.save_session, body.name, tokens, directory)
+        num_tokens = await engine.save_session(name, tokens, directory, _owner_salt(state, owner))
     except SessionError as exc:
         raise _session_error(exc) from None
-    return SessionResponse(name=body.name, num_tokens=num_tokens)
+    return SessionResponse(name=body.name, num_tokens=num_tokens, tenant=owner or None)
 
 
 async def load_session(body: SessionLoadRequest, request: Request) -> SessionResponse:
+    """Put a saved state back into the prefix cache, in its owner's namespace."""
     state = get_state(request)
     state.check_model(body.model)
-    llm = state.require_llm_engine()
-    directory = _session_dir(state)
+    engine = state.require_engine()
+    directory, name, owner = _located(request, state, body.name)
     try:
-        num_tokens = await asyncio.to_thread(llm.load_session, body.name, directory, state.settings.max_session_bytes)
+        num_tokens = await engine.load_session(name, directory, state.settings.max_session_bytes,
+                                               _owner_salt(state, owner))
     except SessionError as exc:
         raise _session_error(exc) from None
-    return SessionResponse(name=body.name, num_tokens=num_tokens)
+    return SessionResponse(name=body.name, num_tokens=num_tokens, tenant=owner or None)
+
+
+def _located(request: Request, state: ServerState, name: str) -> tuple[Path, str, str]:
+    try:
+        return session_location(request, state.settings, _session_dir(state), name)
+    except SessionError as exc:
+        raise _session_error(exc) from None

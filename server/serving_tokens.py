@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from server.prompts import chat_prompt, encode_text
+from server.prompts import chat_prompt, encode_text, off_loop
 from server.protocol import ChatCompletionRequest
 from server.protocol_extensions import (
     DetokenizeRequest,
@@ -34,9 +34,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         chat = ChatCompletionRequest(
             messages=body.messages, add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message, chat_template_kwargs=body.chat_template_kwargs)
-        tokens = chat_prompt(state, chat).token_ids
+        tokens = (await chat_prompt(state, chat)).token_ids
     else:
-        tokens = encode_text(tokenizer, body.prompt, add_special_tokens=body.add_special_tokens, param="prompt")
+        tokens = await off_loop(len(body.prompt), encode_text, tokenizer, body.prompt,
+                                add_special_tokens=body.add_special_tokens, param="prompt")
     token_strs = [tokenizer.token_text(t) for t in tokens] if body.return_token_strs else None
     return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens,
                             token_strs=token_strs)
@@ -48,7 +49,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     state.check_model(body.model)
     state.require_engine()
     tokenizer = state.require_tokenizer("detokenizing")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await off_loop(len(body.tokens), tokenizer.decode, body.tokens))
 
 
 async def tokenizer_info(request: Request) -> TokenizerInfoResponse:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from megalodon_infer.async_engine import AsyncEngine
-from megalodon_infer.engine import EngineStats, LLMEngine
-from megalodon_infer.outputs import RequestOutput
-from megalodon_infer.tokenizer import Tokenizer
+from megalodon_infer.config import MAX_POSITION
+from megalodon_infer.engine.async_engine import AsyncEngine
+from megalodon_infer.engine.llm_engine import LLMEngine
+from megalodon_infer.engine.stats import IterationStats
+from megalodon_infer.tokenization.tokenizer import Tokenizer
 from server.errors import invalid_request, model_not_found, service_unavailable
 from server.metrics import Metrics
 from server.settings import ServerSettings
@@ -34,9 +35,7 @@ _FINAL_DRAIN_S = 2.0
 
 def load_engine(settings: ServerSettings) -> LLMEngine:
     """The default engine factory: the checkpoint directory named by the settings."""
-    config = settings.engine_config()
-    return LLMEngine.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device,
-                                     **config.model_dump())
+    return LLMEngine.from_config(settings.engine_config())
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,7 @@ class ServerState:
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
         self._loader: threading.Thread | None = None
-        self._llm: LLMEngine | None = None
-        self._cache_counted = (0, 0, 0)  # prefix-cache (queried, hit) tokens and evictions already counted
+        self.draining = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
 
     # ------------------------------------------------------------------------------ lifecycle
     def start_loading(self) -> None:
@@ -73,53 +71,73 @@ class ServerState:
     def _load(self) -> None:
         try:
             llm = self._engine_factory(self.settings)
-            self._llm = llm
-            self.info = ModelInfo(max_model_len=llm.config.max_model_len, num_slots=llm.pool.num_slots)
+            self.info = ModelInfo(max_model_len=llm.config.max_model_len or MAX_POSITION,
+                                  num_slots=llm.config.max_num_seqs)
             self._set_info_metrics(llm)
             engine = AsyncEngine(llm, step_observer=self._on_step)
             engine.start()
         except Exception as exc:  # noqa: BLE001 - reported on /health and ends the process
-            logger.exception("loading the model from %s failed", self.settings.model)
+            # one line for the operator (the CLI prints it again as it exits 1); the traceback at debug level
+            logger.error("loading the model from %s failed: %s", self.settings.model, exc)
+            logger.debug("loading the model failed", exc_info=True)
             self.load_error = f"{type(exc).__name__}: {exc}"
             if self._on_fatal is not None:
                 self._on_fatal()
             return
         self.tokenizer = llm.tokenizer
         self.engine = engine  # published last: from here on requests are accepted
-        logger.info("model %s loaded from %s (%d state slots, max_model_len %d)%s", self.model_name,
-                    self.settings.model, self.info.num_slots, self.info.max_model_len,
+        logger.info("model %s loaded from %s (%d state slots, %s)%s", self.model_name,
+                    self.settings.model, self.info.num_slots,
+                    f"max_model_len {llm.config.max_model_len}" if llm.config.max_model_len else "no context cap",
                     "" if self.tokenizer else "; no tokenizer: token-id prompts only")
 
     def _set_info_metrics(self, llm: LLMEngine) -> None:
+        props = llm.props()
         config = llm.model.config
         self.metrics.set_cache_config_info(
-            num_state_slots=llm.pool.num_slots, bytes_per_slot=llm.pool.bytes_per_slot,
-            chunk_size=config.chunk_size, enable_prefix_caching=llm.prefix_cache is not None,
-            prefix_cache_bytes=llm.config.prefix_cache_bytes,
-            prefix_cache_host_bytes=llm.config.prefix_cache_host_bytes)
+            num_state_slots=props["num_state_slots"], bytes_per_slot=props["bytes_per_slot"],
+            chunk_size=props["chunk_size"], enable_prefix_caching=props["prefix_cache"]["enabled"],
+            prefix_cache_bytes=props["prefix_cache"]["device_bytes"],
+            prefix_cache_host_bytes=props["prefix_cache"]["host_bytes"])
         self.metrics.set_model_config_info(
-            served_model_name=self.model_name, max_model_len=llm.config.max_model_len,
+            served_model_name=self.model_name, max_model_len=props["max_model_len"] or "none",
             dtype=self.settings.dtype, device=self.settings.device, num_layers=config.num_layers,
             model_dim=config.model_dim, vocab_size=config.vocab_size,
-            max_num_seqs=llm.config.max_num_seqs, max_num_batched_tokens=llm.config.max_num_batched_tokens)
+            max_num_seqs=props["max_num_seqs"], max_num_batched_tokens=props["max_num_batched_tokens"])
 
-    def _on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
-        """Engine thread, after every step."""
-        cache = self._llm.prefix_cache if self._llm is not None else None
-        num_checkpoints = None
+    def _on_step(self, stats: IterationStats) -> None:
+        """Engine thread, after every step: the step's numbers into Prometheus."""
+        metrics = self.metrics
+        cache = stats.prefix_cache
         if cache is not None:
-            # The cache counts in tokens since it was created; the counters move by the difference.
-            queried, hits, evictions = cache.stats.queried_tokens, cache.stats.hit_tokens, cache.stats.evictions
-            self.metrics.on_prefix_cache_lookup(num_queried_tokens=queried - self._cache_counted[0],
-                                                num_hit_tokens=hits - self._cache_counted[1])
-            self.metrics.set_prefix_cache_usage(stored_bytes=cache.stored_bytes(),
-                                                new_evictions=evictions - self._cache_counted[2])
-            self._cache_counted = (queried, hits, evictions)
-            num_checkpoints = len(cache)
-        self.metrics.set_scheduler_stats(stats.num_running, stats.num_waiting, stats.slot_usage,
-                                         num_checkpoints=num_checkpoints)
-        self.metrics.on_step(num_prompt_tokens=stats.num_prompt_tokens,
-                             num_generation_tokens=stats.num_generation_tokens)
+            metrics.on_prefix_cache_lookup(num_queried_tokens=cache.queried_tokens, num_hit_tokens=cache.hit_tokens)
+            metrics.set_prefix_cache_usage(stored_bytes=cache.stored_bytes, new_evictions=cache.evictions)
+        metrics.set_scheduler_stats(stats.num_running, stats.num_waiting, stats.slot_usage,
+                                    num_checkpoints=None if cache is None else cache.num_entries)
+        metrics.on_step(num_prompt_tokens=stats.num_prompt_tokens, num_generation_tokens=stats.num_generation_tokens)
+        for seconds in stats.time_to_first_tokens_s:
+            metrics.observe_ttft(seconds)
+        for seconds in stats.inter_token_latencies_s:
+            metrics.observe_inter_token_latency(seconds)
+        for done in stats.finished_requests:
+            metrics.on_request_finished(
+                finished_reason=done.finish_reason, num_prompt_tokens=done.num_prompt_tokens,
+                num_generation_tokens=done.num_generation_tokens, e2e_latency_s=done.e2e_latency_s,
+                queue_time_s=done.queue_time_s, prefill_time_s=done.prefill_time_s,
+                decode_time_s=done.decode_time_s, max_tokens=done.max_tokens, n=done.n)
+
+    async def drain(self, timeout: float) -> bool:
+        """SIGTERM: refuse new requests (503, see `server.lifecycle`), let in-flight ones finish for up
+        to `timeout` s, then end the rest with an error their clients see (an SSE error event and
+        `[DONE]`, or a 503 body). True if everything finished in time."""
+        self.draining = True
+        engine = self.engine
+        if engine is None:
+            return True
+        drained = await engine.drain(timeout)
+        if not drained:
+            logger.warning("drain timeout (%.0f s): requests still running were ended with an error", timeout)
+        return drained
 
     async def shutdown(self) -> None:
         """Stop the engine; the requests still running (uvicorn's wait has expired) are aborted."""
@@ -156,14 +174,12 @@ class ServerState:
         if requested and requested != self.model_name:
             raise model_not_found(requested)
 
-    def require_llm_engine(self) -> LLMEngine:
-        """The engine core (for state introspection and sessions), or a 503 while none runs."""
-        self.require_engine()
-        return self._llm
-
     @property
     def max_model_len(self) -> int:
-        return self.info.max_model_len if self.info is not None else self.settings.max_model_len
+        """The context limit clients are told: the configured cap, or the 64-bit position limit."""
+        if self.info is not None:
+            return self.info.max_model_len
+        return self.settings.max_model_len or MAX_POSITION
 
 
 def get_state(request: Request) -> ServerState:

@@ -19,31 +19,30 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from megalodon_infer.outputs import RequestOutput
-from server.generation import KEEPALIVE, GenerationGroup
+from megalodon_infer.engine.outputs import RequestOutput
+from server.access_log import CLIENT_CLOSED_REQUEST
+from server.generation import KEEPALIVE, Generation
 from server.protocol import UsageInfo
 from server.sse import SSE_DONE, SSE_KEEPALIVE, SSE_MEDIA_TYPE, sse_error_event, sse_event, sse_headers
 
 logger = logging.getLogger("megalodon.server")
 
 T = TypeVar("T")
-# The status logged for a request whose client left before the answer (nginx's convention).
-CLIENT_CLOSED_REQUEST = 499
 
 
 class OutputConsumer(Protocol):
-    """Turns engine outputs into an endpoint's response, chunk by chunk."""
+    """Turns engine outputs into an endpoint's response: stream chunks, or one body."""
 
-    def update(self, index: int, output: RequestOutput) -> list[BaseModel]:
-        """Take one output of prompt `index`; return the stream chunks it makes."""
+    def chunks(self, index: int, output: RequestOutput) -> list[BaseModel]:
+        """Take one (merged) output of prompt `index`; return the stream chunks it makes."""
 
     def final_chunks(self) -> list[BaseModel]:
         """Chunks sent after the last output (the usage chunk, when asked for)."""
 
     def usage(self) -> UsageInfo: ...
 
-    def response(self) -> BaseModel:
-        """The whole non-streaming response, once every choice has finished."""
+    def response(self, finals: list[RequestOutput]) -> BaseModel:
+        """The whole non-streaming response from every prompt's complete output, in prompt order."""
 
 
 class StreamAssembler:
@@ -83,79 +82,77 @@ def usage_options(stream_options: object | None) -> tuple[bool, bool]:
 
 
 def streaming_response(
-    request: Request, group: GenerationGroup, consumer: OutputConsumer, keepalive_s: float
+    request: Request, generation: Generation, consumer: OutputConsumer, keepalive_s: float
 ) -> StreamingResponse:
-    """An SSE response over `group`'s outputs; the group is closed however the stream ends."""
+    """An SSE response over `generation`'s outputs; it is closed however the stream ends."""
 
-    async def close_group() -> None:
+    async def close_generation() -> None:
         # Runs even when the client left before the first chunk (the body never started).
-        group.close(client_left=True)
+        generation.close(client_left=True)
 
     return StreamingResponse(
-        _sse_events(request, group, consumer, keepalive_s),
+        _sse_events(request, generation, consumer, keepalive_s),
         media_type=SSE_MEDIA_TYPE,
         headers=sse_headers(),
-        background=BackgroundTask(close_group),
+        background=BackgroundTask(close_generation),
     )
 
 
 async def _sse_events(
-    request: Request, group: GenerationGroup, consumer: OutputConsumer, keepalive_s: float
+    request: Request, generation: Generation, consumer: OutputConsumer, keepalive_s: float
 ) -> AsyncIterator[bytes]:
     try:
-        async for event in group.events(keepalive_s):
+        async for event in generation.events(keepalive_s):
             if event is KEEPALIVE:
                 yield SSE_KEEPALIVE
                 continue
-            for chunk in consumer.update(*event):
-                yield sse_event(chunk)
+            for index, output in event:
+                for chunk in consumer.chunks(index, output):
+                    yield sse_event(chunk)
         for chunk in consumer.final_chunks():
             yield sse_event(chunk)
     except Exception as exc:
-        group.close()
+        generation.close()
         logger.warning("stream failed after it started: %s", exc, exc_info=not hasattr(exc, "status"))
         yield sse_error_event(exc)
     finally:
         # Cancellation (the client left) lands here too: abort what still runs, count the exit.
-        group.close(client_left=True)
+        generation.close(client_left=True)
         _report_usage(request, consumer)
     yield SSE_DONE
 
 
-async def respond(request: Request, group: GenerationGroup, consumer: OutputConsumer, stream: bool,
+async def respond(request: Request, generation: Generation, consumer: OutputConsumer, stream: bool,
                   keepalive_s: float) -> Response:
     """The HTTP answer of a started generation: an SSE stream, or one JSON body once every choice has
     finished (499, logged only, when the client left first)."""
     if stream:
-        return streaming_response(request, group, consumer, keepalive_s)
-    if await collect(request, group, consumer):
+        return streaming_response(request, generation, consumer, keepalive_s)
+    finals = await final_outputs(request, generation)
+    if finals is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(consumer.response().model_dump(mode="json"))
-
-
-async def collect(request: Request, group: GenerationGroup, consumer: OutputConsumer) -> bool:
-    """Feed every output to `consumer`; abort if the client leaves. True when it left."""
-
-    async def consume() -> None:
-        async for event in group.events():
-            if event is not KEEPALIVE:
-                consumer.update(*event)
-
-    try:
-        _, client_left = await until_disconnected(request, consume())
-    except BaseException:
-        group.close()
-        raise
-    finally:
-        _report_usage(request, consumer)
-    if client_left:
-        group.close(client_left=True)
-    return client_left
+    body = consumer.response(finals)
+    _report_usage(request, consumer)
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 def _report_usage(request: Request, consumer: OutputConsumer) -> None:
     usage = consumer.usage()
     request.state.usage = (usage.prompt_tokens, usage.completion_tokens)
+
+
+async def final_outputs(request: Request, generation: Generation) -> list[RequestOutput] | None:
+    """Every choice's final output, or None when the client left first (the generation is then
+    closed as a client disconnect, which the access log records as 499)."""
+    try:
+        finals, client_left = await until_disconnected(request, generation.final())
+    except BaseException:
+        generation.close()
+        raise
+    if client_left:
+        generation.close(client_left=True)
+        return None
+    return finals
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[T | None, bool]:

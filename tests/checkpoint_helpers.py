@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from megalodon_infer.loading import shard_merge_axis
+from megalodon_infer.model.loading import shard_merge_axis
 
 
 def logits_of(model, n: int = 40, seed: int = 0) -> torch.Tensor:
     """Logits [1, n, V] of a fixed random prompt from a fresh state."""
     tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
-    return model(tokens, model.init_state(1))[0]
+    return model(tokens, model.allocate_state(1))[0]
 
 
 def copy_official(parity_dir: Path, tmp_path: Path) -> Path:

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
+
+from megalodon_infer.worker.resources import default_torch_threads
 
 TRAINING_CHARS = 400_000
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 FIXTURE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity_small"
+
+# The in-process engines and models of the tests run under the product's thread policy (the CPUs this
+# process may use, minus one): the suite's own server subprocesses are busy neighbours.
+torch.set_num_threads(default_torch_threads())
 
 
 @pytest.fixture(scope="session")

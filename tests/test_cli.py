@@ -146,6 +146,7 @@ def test_info_of_a_missing_directory_fails_clearly(tmp_path, capsys):
     assert code == 1 and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs_as_a_process(parity_dir):
     """The installed command is `megalodon_infer.cli:main`; run it as a separate process."""
     ok = subprocess.run([sys.executable, "-m", "megalodon_infer.cli", "info", str(parity_dir)],
@@ -158,13 +159,13 @@ def test_console_entry_point_runs_as_a_process(parity_dir):
 
 def test_generate_streams_the_engines_text(capsys):
     from megalodon_infer import SamplingParams
-    from megalodon_infer.demo import demo_model_dir
-    from megalodon_infer.llm import LLM
+    from megalodon_infer.config import DEMO_MODEL_DIR
+    from megalodon_infer.engine.llm import LLM
 
     prompt = "import os\n\ndef read_config(path):\n"
     assert main(["generate", prompt, "--max-tokens", "24", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
-    expected = LLM(demo_model_dir()).generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    expected = LLM(DEMO_MODEL_DIR).generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
     assert captured.out == expected.outputs[0].text
     assert f"[{len(expected.outputs[0].token_ids)} tokens, finish reason: " in captured.err
 

@@ -9,8 +9,8 @@ import torch
 from checkpoint_helpers import copy_official, logits_of, split_into_shards, write_shards
 
 from megalodon_infer import CheckpointError, ModelConfig, load_model, save_model
-from megalodon_infer.loading import merge_shards
 from megalodon_infer.model.init import random_model
+from megalodon_infer.model.loading import merge_shards
 
 
 def test_safetensors_round_trip_gives_identical_logits(parity_dir, tmp_path):
@@ -54,7 +54,7 @@ def test_bfloat16_weights_with_fp32_rope_and_state(parity_dir):
     model = load_model(parity_dir, dtype="bfloat16", rope_freqs_bf16=True)
     assert model.embed.weight.dtype == torch.bfloat16
     assert model.rope.freqs.dtype == torch.float32 and model.rope.round_to_bf16
-    state = model.init_state(2)
+    state = model.allocate_state(2)
     assert state.norm_var.dtype == torch.float32
 
 

@@ -6,9 +6,13 @@ model's modules (TimestepNorm, CEMA), `dispatch` picks an implementation per dev
 model's modules, requests, schedulers or the server.
 """
 
-from .build import ExtensionBuildError, load_cpu_extension, load_cuda_extension, loaded_extensions
-from .dispatch import (
-    KERNELS_ENV,
+from megalodon_infer.kernels.build import (
+    ExtensionBuildError,
+    load_cpu_extension,
+    load_cuda_extension,
+    loaded_extensions,
+)
+from megalodon_infer.kernels.dispatch import (
     DecodeKernels,
     active_backend,
     resolve_device_kernels,
@@ -17,7 +21,6 @@ from .dispatch import (
 )
 
 __all__ = [
-    "KERNELS_ENV",
     "DecodeKernels",
     "ExtensionBuildError",
     "active_backend",

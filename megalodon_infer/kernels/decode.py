@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .reference import CemaCoeffs, cema_step, timestep_norm
+from megalodon_infer.kernels.reference import CemaCoeffs, cema_step, timestep_norm
 
 
 class _TimestepNormLike(Protocol):
@@ -31,12 +31,12 @@ class _TimestepNormLike(Protocol):
 
 
 class _CemaLike(Protocol):
-    def coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs: ...
+    def compute_coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs: ...
 
 
 @dataclass(frozen=True, eq=False)
 class TsnWeights:
-    """One TimestepNorm, as the decode ops use it; built once per model (see `Megalodon.decode_weights`).
+    """One TimestepNorm, as the decode ops use it; built once per model (`worker.decode_ops`).
 
     weight, bias: [D] the parameters as stored (offsets from 1 / additive), for the reference.
     affine: [2, D] fp32 rows (1 + weight, bias), for the kernels.
@@ -72,7 +72,8 @@ class CemaWeights:
 
     @classmethod
     def from_module(cls, cema: _CemaLike, stat_dtype: torch.dtype) -> CemaWeights:
-        c = cema.coeffs(stat_dtype)
+        with torch.no_grad():
+            c = cema.compute_coeffs(stat_dtype)
         packed = torch.stack((c.p, c.q.real, c.q.imag, c.eta.real, c.eta.imag), dim=1).float().contiguous()
         return cls(coeffs=c, packed=packed, omega=c.omega.float().contiguous())
 

@@ -1,16 +1,16 @@
 """Choosing between the fused decode kernels and their torch reference, once, and saying which.
 
-`MEGALODON_KERNELS` (read when a choice is made): `auto` (default) uses the fused extension for the
-device when it builds and loads, and otherwise logs the build error and falls back to the reference;
-`reference` forces the reference; `fused` makes a failed build an error. A model asks once (at
-`prepare_for_inference` or its first decode step) and keeps the answer; `active_backend()` reports
-the choice made for a device type.
+The mode is always passed in (its one declaration is `EngineConfig.kernels`, which pydantic-settings
+mirrors as $MEGALODON_KERNELS; nothing here reads the environment): `auto` uses the fused extension
+for the device when it builds and loads, and otherwise logs the build error and falls back to the
+reference; `reference` forces the reference; `fused` makes a failed build an error. The worker asks
+once (`megalodon_infer.worker.decode_ops`) and keeps the answer; a device type's extension is built
+and loaded at most once per process.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import decode
-from .build import ExtensionBuildError, load_cpu_extension, load_cuda_extension
+from megalodon_infer.kernels import decode
+from megalodon_infer.kernels.build import ExtensionBuildError, load_cpu_extension, load_cuda_extension
 
 logger = logging.getLogger(__name__)
 
-KERNELS_ENV = "MEGALODON_KERNELS"
 MODES = ("auto", "reference", "fused")
 # Activation / K-V dtypes the fused kernels implement (statistics and CEMA state must be fp32).
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -58,11 +57,11 @@ def fused_kernels(device_type: str, reason: str) -> DecodeKernels:
                          decode.attention_decode)
 
 
-def requested_mode(mode: str | None = None) -> str:
-    """`mode`, else `$MEGALODON_KERNELS`, else "auto"; raises ValueError for an unknown value."""
-    chosen = (mode or os.environ.get(KERNELS_ENV) or "auto").strip().lower()
+def check_mode(mode: str) -> str:
+    """`mode` normalised; raises ValueError for an unknown value."""
+    chosen = mode.strip().lower()
     if chosen not in MODES:
-        raise ValueError(f"{KERNELS_ENV} / kernels mode must be one of {MODES}, got {chosen!r}")
+        raise ValueError(f"kernels mode must be one of {MODES}, got {mode!r}")
     return chosen
 
 
@@ -88,15 +87,15 @@ def _load_extension(device_type: str) -> str:
     raise ExtensionBuildError(f"no fused decode kernels for device type {device_type!r}")
 
 
-def resolve_device_kernels(device_type: str, mode: str | None = None) -> DecodeKernels:
+def resolve_device_kernels(device_type: str, mode: str) -> DecodeKernels:
     """The kernels for a device type under `mode`, resolved once per (device type, mode) and logged."""
-    mode = requested_mode(mode)
+    mode = check_mode(mode)
     key = (device_type, mode)
     with _lock:
         if key in _resolved:
             return _resolved[key]
         if mode == "reference":
-            kernels = reference_kernels(device_type, "reference requested (MEGALODON_KERNELS=reference or explicit)")
+            kernels = reference_kernels(device_type, "reference requested")
         else:
             try:
                 kernels = fused_kernels(device_type, _load_extension(device_type))
@@ -114,9 +113,10 @@ def resolve_device_kernels(device_type: str, mode: str | None = None) -> DecodeK
 
 
 def select_decode_kernels(device: torch.device, act_dtype: torch.dtype, kv_dtype: torch.dtype,
-                          mode: str | None = None) -> DecodeKernels:
-    """The kernels a model on `device` with these dtypes should use (reference where fused cannot)."""
-    mode = requested_mode(mode)
+                          mode: str) -> DecodeKernels:
+    """The kernels a model on `device` with these dtypes should use under `mode` (reference where fused
+    cannot: an "auto" fallback is logged, "fused" raises ValueError)."""
+    mode = check_mode(mode)
     if mode != "reference" and (act_dtype not in FUSED_DTYPES or kv_dtype not in FUSED_DTYPES):
         why = f"fused kernels implement {FUSED_DTYPES} activations/KV, model has {act_dtype} / KV {kv_dtype}"
         if mode == "fused":
@@ -126,10 +126,10 @@ def select_decode_kernels(device: torch.device, act_dtype: torch.dtype, kv_dtype
     return resolve_device_kernels(device.type, mode)
 
 
-def active_backend(device_type: str = "cpu") -> str:
-    """"fused" or "reference": what decode uses on `device_type` under $MEGALODON_KERNELS (resolving,
-    and so building the extension, if nothing has asked yet)."""
-    return resolve_device_kernels(device_type).name
+def active_backend(device_type: str = "cpu", mode: str = "auto") -> str:
+    """"fused" or "reference": what decode uses on `device_type` under `mode` (resolving, and so
+    building the extension, if nothing has asked yet)."""
+    return resolve_device_kernels(device_type, mode).name
 
 
 def resolved_backends() -> dict[str, str]:

@@ -4,23 +4,30 @@ Attention is block-diagonal over chunks of C tokens counted from the start of th
 attends causally to the keys of its own chunk only, so the per-request KV is at most one chunk.
 RoPE positions restart every chunk. Q/K are RMS-normalised per head, scaled by (1 + gamma)/sqrt(dz),
 shifted by beta, and the logits have no 1/sqrt(d) scale (the official kernel is called with 1.0).
+
+NOTE: the sub-layer's math is written once (`MovingAverageGatedAttention.forward`). Prefill, training
+and decode differ only in how the stateful parts are computed -- TimestepNorm + CEMA, the chunk
+attention with its KV append, and the final TimestepNorm -- which a `StepOps` supplies:
+`SegmentOps` (a segment from a state, the torch reference), `TrainOps` (whole sequences from a fresh
+state, differentiable, SDPA) and the worker's decode ops (one token per row, fused kernels or their
+reference twins, tested against `SegmentOps`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from ..kernels.decode import CemaWeights, TsnWeights, chunk_attention
-from ..kernels.dispatch import DecodeKernels
-from ..kernels.reference import cema_parallel, stat_dtype_for
-from .cema import CEMA
-from .norms import RMSNorm, TimestepNorm, head_rms_norm
-from .state import MegalodonState
+from megalodon_infer.config import ModelConfig
+from megalodon_infer.kernels.decode import chunk_attention
+from megalodon_infer.kernels.reference import cema_parallel, complex_dtype_for, stat_dtype_for
+from megalodon_infer.model.cema import CEMA
+from megalodon_infer.model.norms import RMSNorm, TimestepNorm, head_rms_norm
+from megalodon_infer.model.state import StepView
 
 
 class RotaryEmbedding(nn.Module):
@@ -49,19 +56,92 @@ class RotaryEmbedding(nn.Module):
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
-class LayerState:
-    """Views of one layer's slice of the request state, for the rows being computed.
+class StepOps(Protocol):
+    """How a step computes the stateful parts of the model. Rows are addressed as `step.slot_ids` in
+    `step.layer(layer)` (the pool); x, q, k, v are [B, L, ...] with L = step.length."""
 
-    mean, var: [B, G]; cema_h: [B, D, N] complex; keys: [S, C, H, dz] and values: [S, C, H, dv] are
-    the whole pool's KV for this layer, addressed by `slot_ids` [B].
+    def tsn_cema(self, x: Tensor, step: StepView, layer: int, norm: TimestepNorm, cema: CEMA
+                 ) -> tuple[Tensor, Tensor]:
+        """x: [B, L, D] block input -> (x_hat, CEMA output), [B, L, D] each in x's dtype; advances the
+        layer's norm statistics and CEMA state."""
+        ...
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: StepView, layer: int) -> Tensor:
+        """q, k: [B, L, H, dz] stat dtype (after RoPE); v: [B, L, H, dv]. Appends k/v to each row's chunk
+        and attends causally within it. Returns [B, L, H * dv]."""
+        ...
+
+    def final_norm(self, x: Tensor, step: StepView, norm: TimestepNorm) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]; advances the final norm's statistics."""
+        ...
+
+
+def tsn_cema_from(x: Tensor, count: Tensor, mean: Tensor, var: Tensor, h: Tensor, norm: TimestepNorm, cema: CEMA
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """TimestepNorm then CEMA over a segment from the given state (the reference math).
+
+    x: [B, L, D]; count: [B] tokens seen; mean, var: [B, G]; h: [B, D, N] complex.
+    Returns x_hat, y ([B, L, D], x's dtype) and the new mean, var, h.
     """
+    x_hat, mean, var = norm(x, count, mean, var)
+    sd = mean.dtype
+    y, h = cema_parallel(x_hat.to(sd), h, cema.compute_coeffs(sd))
+    return x_hat, y.to(x.dtype), mean, var, h
 
-    __slots__ = ("mean", "var", "cema_h", "keys", "values", "slot_ids")
 
-    def __init__(self, mean: Tensor, var: Tensor, cema_h: Tensor, keys: Tensor, values: Tensor,
-                 slot_ids: Tensor) -> None:
-        self.mean, self.var, self.cema_h = mean, var, cema_h
-        self.keys, self.values, self.slot_ids = keys, values, slot_ids
+class SegmentOps:
+    """A segment of L tokens per row from its slot's state, in torch (the reference; any L)."""
+
+    def tsn_cema(self, x: Tensor, step: StepView, layer: int, norm: TimestepNorm, cema: CEMA
+                 ) -> tuple[Tensor, Tensor]:
+        pool, ids = step.layer(layer), step.slot_ids
+        x_hat, y, mean, var, h = tsn_cema_from(x, step.positions, pool.mean[ids], pool.var[ids], pool.cema_h[ids],
+                                               norm, cema)
+        pool.mean[ids], pool.var[ids], pool.cema_h[ids] = mean, var, h
+        return x_hat, y
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: StepView, layer: int) -> Tensor:
+        pool = step.layer(layer)
+        return chunk_attention(q, k.to(pool.keys.dtype), v.to(pool.values.dtype), step.fills, pool.keys,
+                               pool.values, step.slot_ids)
+
+    def final_norm(self, x: Tensor, step: StepView, norm: TimestepNorm) -> Tensor:
+        (pool_mean, pool_var), ids = step.final_norm_stats(), step.slot_ids
+        y, mean, var = norm(x, step.positions, pool_mean[ids], pool_var[ids])
+        pool_mean[ids], pool_var[ids] = mean, var
+        return y
+
+
+class TrainOps:
+    """Whole sequences from a fresh state, differentiable; nothing is stored. The sequence length T is
+    <= C or a multiple of C; attention runs per chunk through SDPA."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+
+    def tsn_cema(self, x: Tensor, step: StepView, layer: int, norm: TimestepNorm, cema: CEMA
+                 ) -> tuple[Tensor, Tensor]:
+        B, _, D = x.shape
+        mean0, var0 = norm.initial_stats(B, stat_dtype_for(x.dtype))
+        h0 = torch.zeros(B, D, cema.ndim, dtype=complex_dtype_for(mean0.dtype), device=x.device)
+        x_hat, y, *_ = tsn_cema_from(x, step.positions, mean0, var0, h0, norm, cema)
+        return x_hat, y
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: StepView, layer: int) -> Tensor:
+        B, T, H, _ = q.shape
+        C = min(self.chunk_size, T)
+
+        def chunked(t: Tensor) -> Tensor:  # [B, T, H, d] -> [B * T/C, H, C, d]
+            return t.reshape(B * (T // C), C, H, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(chunked(q), chunked(k), chunked(v.to(q.dtype)), is_causal=True,
+                                             scale=1.0)
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+    def final_norm(self, x: Tensor, step: StepView, norm: TimestepNorm) -> Tensor:
+        mean0, var0 = norm.initial_stats(x.shape[0], stat_dtype_for(x.dtype))
+        y, _, _ = norm(x, step.positions, mean0, var0)
+        return y
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -73,7 +153,6 @@ class MovingAverageGatedAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_z_dim = cfg.head_z_dim
         self.head_value_dim = cfg.head_value_dim
-        self.chunk_size = cfg.chunk_size
         self.eps = cfg.norm_eps
         self.timenorm = TimestepNorm(D, cfg.norm_num_groups, cfg.norm_eps)
         self.cema = CEMA(D, cfg.cema_ndim)
@@ -86,26 +165,20 @@ class MovingAverageGatedAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(2, Z))
         self.beta = nn.Parameter(torch.zeros(2, Z))
 
-    def forward(self, x: Tensor, count0: Tensor, fills: Tensor, st: LayerState, rope: RotaryEmbedding) -> Tensor:
-        """One segment of L tokens per row; each row's segment stays inside its current chunk.
+    def forward(self, x: Tensor, step: StepView, layer: int, ops: StepOps, rope: RotaryEmbedding) -> Tensor:
+        """The sub-layer for one step of every row (spec 2.1-2.5).
 
         Args:
             x: [B, L, D] block input.
-            count0: [B] int64 tokens each row has processed before this segment.
-            fills: [B] int64 keys already in each row's current chunk (count0 mod C); fills + L <= C.
-            st: this layer's state for the B rows; updated in place (stats, CEMA state, KV).
+            step: the rows, their positions and the pool; `layer` is this layer's index in it.
+            ops: how TimestepNorm + CEMA and the chunk attention are computed (and state updated).
         Returns:
             Y = X + Hout: [B, L, D].
         """
-        L = x.shape[1]
-        x_hat, st.mean, st.var = self.timenorm(x, count0, st.mean, st.var)
-        sd = st.mean.dtype
-        cema_out, st.cema_h = cema_parallel(x_hat.to(sd), st.cema_h, self.cema.coeffs(sd))
-        mx = self.rmsnorm(cema_out.to(x.dtype))  # [B, L, D]
-
-        positions = fills[:, None] + torch.arange(L, device=x.device)  # [B, L]
-        q, k, v, r = self._project(x_hat, mx, positions, rope)
-        out = self._chunk_attention(q, k.to(st.keys.dtype), v.to(st.values.dtype), fills, st)
+        x_hat, cema_out = ops.tsn_cema(x, step, layer, self.timenorm, self.cema)
+        mx = self.rmsnorm(cema_out)  # [B, L, D], feeds z, r and wh1
+        q, k, v, r = self._project(x_hat, mx, step.rope_positions, rope)
+        out = ops.attention(q, k, v, step, layer)  # [B, L, E]
         hout = self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
         return x + hout
 
@@ -124,60 +197,3 @@ class MovingAverageGatedAttention(nn.Module):
         v = F.silu(self.wv(x_hat)).view(B, L, H, dv)
         r = F.silu(self.wr(mx))
         return q, k, v, r
-
-    def forward_train(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
-        """Differentiable forward of a whole sequence from a fresh state (the official uncached path).
-
-        x: [B, T, D] with T <= C or T a multiple of C. Returns Y = X + Hout [B, T, D].
-        """
-        B, T, D = x.shape
-        C = min(self.chunk_size, T)
-        if T % C:
-            raise ValueError(f"training sequences must be shorter than or a multiple of chunk_size, got {T}")
-        sd = stat_dtype_for(x.dtype)
-        fresh = torch.zeros(B, dtype=torch.int64, device=x.device)
-        mean0, var0 = self.timenorm.initial_stats(B, sd)
-        x_hat, _, _ = self.timenorm(x, fresh, mean0, var0)
-        h0 = torch.zeros(B, D, self.cema.ndim, dtype=torch.complex128 if sd == torch.float64 else torch.complex64,
-                         device=x.device)
-        cema_out, _ = cema_parallel(x_hat.to(sd), h0, self.cema.compute_coeffs(sd))
-        mx = self.rmsnorm(cema_out.to(x.dtype))
-        positions = (torch.arange(T, device=x.device) % C).expand(B, T)
-        q, k, v, r = self._project(x_hat, mx, positions, rope)
-        H, n = self.num_heads, T // C
-
-        def chunked(t: Tensor) -> Tensor:  # [B, T, H, d] -> [B * n, H, C, d]
-            return t.reshape(B * n, C, H, -1).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(chunked(q), chunked(k), chunked(v.to(q.dtype)), is_causal=True,
-                                             scale=1.0)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        return x + self.wh1(mx) + self.wh2(out.to(x.dtype) * r)
-
-    def _chunk_attention(self, q: Tensor, k: Tensor, v: Tensor, fills: Tensor, st: LayerState) -> Tensor:
-        """Prefill attention: q [B, L, H, dz], k/v in the KV dtype; see `kernels.decode.chunk_attention`."""
-        return chunk_attention(q, k, v, fills, st.keys, st.values, st.slot_ids)
-
-    def decode_step(self, x: Tensor, state: MegalodonState, layer: int, slot_ids: Tensor, rope: RotaryEmbedding,
-                    kernels: DecodeKernels, tsn: TsnWeights, cema: CemaWeights) -> Tensor:
-        """One token per row, reading and writing layer `layer` of the state pool by slot.
-
-        The same math as `forward` at L == 1, with TimestepNorm + CEMA and the attention (KV append
-        included) done by `kernels` (fused, or their reference twins). No host sync on the fused path.
-
-        Args:
-            x: [B, D] block input; slot_ids: [B] int64 distinct pool rows.
-            tsn, cema: this layer's precomputed decode weights.
-        Returns:
-            Y = X + Hout: [B, D].
-        """
-        x_hat, cema_out = kernels.tsn_cema_step(x, slot_ids, state.position, state.norm_mean[layer],
-                                                state.norm_var[layer], state.cema_h[layer], tsn, cema)
-        mx = self.rmsnorm(cema_out)
-        fills = state.position[slot_ids] % self.chunk_size  # [B]
-        q, k, v, r = self._project(x_hat[:, None], mx[:, None], fills[:, None], rope)
-        keys, values = state.keys[layer], state.values[layer]
-        out = kernels.attention_decode(q[:, 0], k[:, 0].to(keys.dtype), v[:, 0].to(values.dtype), keys, values,
-                                       slot_ids, state.position)
-        hout = self.wh1(mx) + self.wh2(out.to(x.dtype) * r[:, 0])
-        return x + hout

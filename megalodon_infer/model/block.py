@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from .attention import LayerState, MovingAverageGatedAttention, RotaryEmbedding
-from .norms import LayerNorm
+from megalodon_infer.config import ModelConfig
+from megalodon_infer.model.attention import MovingAverageGatedAttention, RotaryEmbedding, StepOps
+from megalodon_infer.model.norms import LayerNorm
+from megalodon_infer.model.state import StepView
 
 
 class NormalizedFeedForwardNetwork(nn.Module):
@@ -38,18 +39,13 @@ class NormalizedFeedForwardNetwork(nn.Module):
         return residual + out
 
 
-
 class MegaBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.mega = MovingAverageGatedAttention(cfg)
         self.nffn = NormalizedFeedForwardNetwork(cfg, layer_id)
 
-    def forward(self, x: Tensor, count0: Tensor, fills: Tensor, st: LayerState, rope: RotaryEmbedding) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]; `st` is updated in place."""
-        y = self.mega(x, count0, fills, st, rope)
+    def forward(self, x: Tensor, step: StepView, layer: int, ops: StepOps, rope: RotaryEmbedding) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]; `ops` updates this layer's state for the step's rows."""
+        y = self.mega(x, step, layer, ops, rope)
         return self.nffn(y, residual=x)
-
-    def forward_train(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
-        """Differentiable whole-sequence forward from a fresh state. x: [B, T, D]."""
-        return self.nffn(self.mega.forward_train(x, rope), residual=x)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.reference import CemaCoeffs
+from megalodon_infer.kernels.reference import CemaCoeffs
 
 
 class CEMA(nn.Module):
@@ -30,10 +30,10 @@ class CEMA(nn.Module):
         self.theta = nn.Parameter(torch.zeros(dim, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(dim, ndim, 2))
         self.omega = nn.Parameter(torch.zeros(dim, 1))
-        self._coeffs: CemaCoeffs | None = None
 
     def compute_coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs:
-        """Coefficients in `real_dtype` (fp32 or fp64), differentiable (training)."""
+        """Coefficients in `real_dtype` (fp32 or fp64), differentiable. Nothing is cached here: a
+        caller that needs them every step (the decode ops) computes them once and keeps them."""
         alpha = torch.sigmoid(self.alpha.to(real_dtype)).squeeze(-1)  # [D, N]
         delta = torch.sigmoid(self.delta.to(real_dtype)).squeeze(-1)
         theta = torch.sigmoid(self.theta.to(real_dtype)).view(self.dim, 1)  # [D, 1]
@@ -46,19 +46,3 @@ class CEMA(nn.Module):
         eta = torch.complex(gamma[..., 0], gamma[..., 1]) * math.sqrt(1.0 / self.ndim)
         return CemaCoeffs(p=alpha, log_q=log_q, q=torch.polar(magnitude, phase), eta=eta,
                           omega=self.omega.to(real_dtype).view(self.dim))
-
-    def coeffs(self, real_dtype: torch.dtype) -> CemaCoeffs:
-        """Cached coefficients for inference: the weights are fixed, so compute them once."""
-        cached = self._coeffs
-        if cached is not None and cached.p.dtype == real_dtype and cached.p.device == self.alpha.device:
-            return cached
-        with torch.no_grad():
-            self._coeffs = self.compute_coeffs(real_dtype)
-        return self._coeffs
-
-    def invalidate_cache(self) -> None:
-        self._coeffs = None
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook signature
-        self._coeffs = None  # a dtype/device move or weight load invalidates the cache
-        return super()._apply(fn, recurse)

@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .megalodon import Megalodon
+from megalodon_infer.config import ModelConfig
+from megalodon_infer.model.megalodon import Megalodon
 
 
 @torch.no_grad()
@@ -53,7 +53,6 @@ def init_weights(model: Megalodon, seed: int = 0, randomize_all: bool = False) -
         trunc_normal_(cema.omega, 0.25, 1.0)
     if randomize_all:
         _randomize_offsets(model, g)
-    model.invalidate_caches()
     return model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels.reference import stat_dtype_for, timestep_norm
+from megalodon_infer.kernels.reference import stat_dtype_for, timestep_norm
 
 
 class TimestepNorm(nn.Module):

@@ -4,6 +4,10 @@ A request's whole memory of its context is: per layer the TimestepNorm statistic
 group), the CEMA state (D x N complex) and the keys/values of its current chunk only; the final
 norm's statistics; and its token position (which gives every TimestepNorm count and the chunk fill,
 position mod C). Nothing here grows with context length.
+
+`StepView` is the one per-step view every layer reads: the pool, the rows' slot ids and where each
+row stands. Layers address the pool as `step.layer(i)` indexed by `step.slot_ids`, in prefill and
+decode alike.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from megalodon_infer.config import ModelConfig
+from megalodon_infer.kernels.reference import complex_dtype_for
 
 
 @dataclass
@@ -45,25 +50,90 @@ class MegalodonState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def select(self, rows: Tensor | list[int]) -> MegalodonState:
-        """A new state holding copies of the given rows (a value, never a view)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.position.device)
-        return MegalodonState(
-            position=self.position[idx].clone(),
-            norm_mean=self.norm_mean[:, idx].clone(),
-            norm_var=self.norm_var[:, idx].clone(),
-            cema_h=self.cema_h[:, idx].clone(),
-            keys=self.keys[:, idx].clone(),
-            values=self.values[:, idx].clone(),
-        )
+    def layer(self, index: int) -> LayerPool:
+        """Views of layer `index`'s pool tensors (every slot)."""
+        return LayerPool(self.norm_mean[index], self.norm_var[index], self.cema_h[index], self.keys[index],
+                         self.values[index])
 
-    def copy_rows_from(self, src: MegalodonState, dst_rows: Tensor | list[int], src_rows: Tensor | list[int]) -> None:
-        """Overwrite rows `dst_rows` of this state with rows `src_rows` of `src` (same shapes per row)."""
-        dst = torch.as_tensor(dst_rows, dtype=torch.long, device=self.position.device)
-        srci = torch.as_tensor(src_rows, dtype=torch.long, device=src.position.device)
-        self.position[dst] = src.position[srci].to(self.position.device)
-        for name in ("norm_mean", "norm_var", "cema_h", "keys", "values"):
-            getattr(self, name)[:, dst] = getattr(src, name)[:, srci].to(self.position.device)
+    def final_norm_stats(self) -> tuple[Tensor, Tensor]:
+        """Views of the final TimestepNorm's (mean, var): [S, G] each."""
+        return self.norm_mean[-1], self.norm_var[-1]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPool:
+    """One layer's slice of the state pool, every slot (views, written in place by slot id).
+
+    mean, var: [S, G]; cema_h: [S, D, N] complex; keys: [S, C, H, dz]; values: [S, C, H, dv].
+    """
+
+    mean: Tensor
+    var: Tensor
+    cema_h: Tensor
+    keys: Tensor
+    values: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class StepView:
+    """What every layer reads for one step of B rows with L tokens each.
+
+    state: the pool the rows live in; None for training (a fresh state that is never stored).
+    slot_ids: [B] int64 distinct pool rows (0..B-1 for training).
+    positions: [B] int64 tokens each row had processed before this step.
+    fills: [B] int64 keys already in each row's current chunk (positions mod C).
+    rope_positions: [B, L] int64 within-chunk position of every token of the step.
+    length: L. Outside training a row's step never crosses a chunk boundary (fills + L <= C).
+    """
+
+    state: MegalodonState | None
+    slot_ids: Tensor
+    positions: Tensor
+    fills: Tensor
+    rope_positions: Tensor
+    length: int
+
+    @classmethod
+    def at(cls, state: MegalodonState, slot_ids: Tensor, length: int) -> StepView:
+        """L tokens for the rows `slot_ids` [B] of `state`, from where each row stands. No host sync."""
+        positions = state.position[slot_ids]
+        return cls._build(state, slot_ids, positions, length, chunk_size=state.keys.shape[2])
+
+    @classmethod
+    def fresh(cls, batch_size: int, length: int, chunk_size: int, device: torch.device) -> StepView:
+        """Whole sequences of `length` tokens from a fresh state, with no pool (training)."""
+        zeros = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return cls._build(None, torch.arange(batch_size, device=device), zeros, length, chunk_size)
+
+    @classmethod
+    def _build(cls, state: MegalodonState | None, slot_ids: Tensor, positions: Tensor, length: int,
+               chunk_size: int) -> StepView:
+        fills = positions % chunk_size
+        offsets = torch.arange(length, device=positions.device)
+        rope_positions = (fills[:, None] + offsets) % chunk_size  # [B, L]; the mod only matters for training
+        return cls(state, slot_ids, positions, fills, rope_positions, length)
+
+    def layer(self, index: int) -> LayerPool:
+        """Layer `index`'s pool; rows are addressed by `slot_ids`."""
+        return self._pool().layer(index)
+
+    def final_norm_stats(self) -> tuple[Tensor, Tensor]:
+        return self._pool().final_norm_stats()
+
+    @property
+    def pool_position(self) -> Tensor:
+        """[S] int64 every slot's position until the step ends (ops that index it by slot read this)."""
+        return self._pool().position
+
+    def advance(self) -> None:
+        """Record that every row has processed the step's tokens (no-op without a pool)."""
+        if self.state is not None:
+            self.state.position[self.slot_ids] = self.positions + self.length
+
+    def _pool(self) -> MegalodonState:
+        if self.state is None:
+            raise RuntimeError("this step has no state pool (a training step)")
+        return self.state
 
 
 def allocate_state(
@@ -76,7 +146,7 @@ def allocate_state(
     """Uninitialised state tensors for `batch_size` slots (callers reset rows before use)."""
     Lyr, G, D, N, C = cfg.num_layers, cfg.norm_num_groups, cfg.model_dim, cfg.cema_ndim, cfg.chunk_size
     H, dz, dv = cfg.num_heads, cfg.head_z_dim, cfg.head_value_dim
-    complex_dtype = torch.complex128 if stat_dtype == torch.float64 else torch.complex64
+    complex_dtype = complex_dtype_for(stat_dtype)
     return MegalodonState(
         position=torch.zeros(batch_size, dtype=torch.int64, device=device),
         norm_mean=torch.zeros(Lyr + 1, batch_size, G, dtype=stat_dtype, device=device),

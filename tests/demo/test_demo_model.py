@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megalodon_infer import Megalodon, MegalodonState, load_model
-from megalodon_infer.demo import context_nll, demo_model_dir, sequence_nll, unigram_nll
-from megalodon_infer.tokenizer import Tokenizer
+from megalodon_infer.tokenization.tokenizer import Tokenizer
+from tools.demo_scoring import context_nll, demo_model_dir, sequence_nll, unigram_nll
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 NUM_DOCS = 16
@@ -133,7 +133,7 @@ def test_greedy_decode_equals_argmax_of_parallel_forward(model, tokenizer):
     C = model.config.chunk_size
     assert len(prompt) + num_new > 2 * C  # decode crosses at least two chunk boundaries
 
-    state = model.init_state(1)
+    state = model.allocate_state(1)
     logits, state = model.forward(torch.tensor([prompt]), state, last_only=True)
     generated = []
     for _ in range(num_new):
@@ -142,7 +142,7 @@ def test_greedy_decode_equals_argmax_of_parallel_forward(model, tokenizer):
 
     sequence = torch.tensor([prompt + generated])
     start = len(prompt) - 1
-    one_pass, _ = model.forward(sequence[:, :-1], model.init_state(1))
+    one_pass, _ = model.forward(sequence[:, :-1], model.allocate_state(1))
     assert one_pass[0, start:].argmax(-1).tolist() == generated
     padded_len = -(-sequence.shape[1] // C) * C  # forward_train wants whole chunks; padding is causal-safe
     padded = torch.nn.functional.pad(sequence, (0, padded_len - sequence.shape[1]), value=tokenizer.eos_id)

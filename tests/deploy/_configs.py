@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from ._docker import DOCKER_DIR
-from ._promql import Exposition, dashboard_queries
+from tests.deploy._docker import DOCKER_DIR
+from tests.deploy._promql import Exposition, dashboard_queries
 
 DASHBOARD = DOCKER_DIR / "grafana" / "dashboards" / "megalodon.json"
 DATASOURCES = DOCKER_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

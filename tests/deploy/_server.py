@@ -1,15 +1,13 @@
 """Run a container's command line outside Docker: its environment, with container paths mapped to
-this checkout, and a real `megalodon-serve` process on loopback."""
+this checkout and the environment running the tests. The process itself is tests/harness.py's
+`ServerProcess.from_command`."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from secrets import token_hex
@@ -19,8 +17,8 @@ import pytest
 import torch
 
 from megalodon_infer.kernels.build import build_root
-
-from ._docker import DOCKER_DIR, REPO, json_form, parse_dockerfile
+from tests.deploy._docker import DOCKER_DIR, REPO, json_form, parse_dockerfile
+from tests.harness import SCRIPTS_DIR, free_port
 
 
 def container_paths(*, extensions_dir: Path, models_dir: Path, secrets_dir: Path) -> dict[str, str]:
@@ -31,6 +29,7 @@ def container_paths(*, extensions_dir: Path, models_dir: Path, secrets_dir: Path
     """
     return {
         "/opt/venv": sys.prefix,  # the Python environment megalodon-serve is installed in
+        "/opt/venv/bin": str(SCRIPTS_DIR),  # its interpreter and console scripts
         "/opt/megalodon/csrc": str(REPO / "csrc"),
         "/opt/megalodon/extensions": str(extensions_dir),
         "/opt/megalodon": str(DOCKER_DIR),  # build_kernels.py and healthcheck.py
@@ -68,62 +67,8 @@ def map_argv(argv: list[str], mapping: dict[str, str], path: str) -> list[str]:
     argv = [map_value(arg, mapping) if arg.startswith("/") else arg for arg in argv]
     program = shutil.which(argv[0], path=path)
     if program is None:
-        pytest.fail(f"{argv[0]!r} is not on PATH; install the package: pip install -e '.[dev]'")
+        pytest.fail(f"{argv[0]!r} is not on the image's PATH ({path}); install the package: pip install -e '.[dev]'")
     return [program, *argv[1:]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """One `megalodon-serve` process on 127.0.0.1, its output captured to `log_path`."""
-
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['MEGALODON_PORT']}"
-
-    def start(self, ready_timeout: float = 300.0) -> None:
-        """Start and wait for /health = 200 (a cold start compiles the CPU kernels: ~30 s on 2 cores)."""
-        assert self.env.get("MEGALODON_HOST") == "127.0.0.1", "tests only listen on loopback"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.log_path.parent)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"/health did not answer 200 within {ready_timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM, as `docker stop` sends; returns the exit status, or None if it had to be killed."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            return None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
 
 def complete(base_url: str, api_key: str | None, prompt: str = "def add(a, b):", stream: bool = False) -> dict:

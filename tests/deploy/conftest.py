@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import demo_model_dir
-
-from ._docker import compose_binary, compose_config, hadolint_binary
+from megalodon_infer.config import DEMO_MODEL_DIR
+from tests.deploy._docker import compose_binary, compose_config, hadolint_binary
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +36,7 @@ def compose(compose_bin, empty_env_file) -> dict:
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The bundled demo model: what the CPU image serves, and what the GPU variants mount as /models."""
-    path = demo_model_dir()
+    path = DEMO_MODEL_DIR
     if not (path / "config.json").is_file():
         pytest.fail(f"the bundled demo model is missing at {path} (scripts/train_demo.py creates it)")
     return path

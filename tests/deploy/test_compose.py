@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import ServerSettings
-
-from ._docker import (
+from tests.deploy._docker import (
     COMPOSE_FILE,
     CPU_DOCKERFILE,
     DOCKER_DIR,

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import ServerSettings
-
-from ._docker import (
+from tests.deploy._docker import (
     CPU_DOCKERFILE,
     GPU_DOCKERFILE,
     REPO,
@@ -127,7 +126,8 @@ def test_server_settings_in_the_image_are_real_flags(dockerfile):
 def test_build_context_is_the_allow_list_and_has_what_the_dockerfiles_copy():
     files = build_context_files()
     top_level = {f.split("/")[0] for f in files}
-    assert top_level <= {"pyproject.toml", "README.md", "megalodon_infer", "server", "csrc", "docker"}
+    assert top_level <= {"pyproject.toml", "README.md", "megalodon_infer", "server", "megalodon_cluster", "csrc",
+                         "docker"}
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".so"))]
     for dockerfile in DOCKERFILES:
         for source in context_copy_sources(stages(dockerfile)[0]) + context_copy_sources(stages(dockerfile)[1]):

@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 from server.settings import ServerSettings
-
-from ._docker import COMPOSE_FILE, DOCKER_DIR, REPLICAS_FILE, REPO
+from tests.deploy._docker import COMPOSE_FILE, DOCKER_DIR, REPO
 
 DOCS = REPO / "docs" / "deployment.md"
 SETTINGS = {"MEGALODON_" + name.upper() for name in ServerSettings.model_fields}
@@ -19,7 +18,7 @@ COMPOSE_OWN = {"COMPOSE_PROFILES"}
 
 def interpolated() -> set[str]:
     """The ${NAME...} variables the compose files substitute."""
-    text = COMPOSE_FILE.read_text() + REPLICAS_FILE.read_text()
+    text = COMPOSE_FILE.read_text()
     return set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
 
 
@@ -48,7 +47,7 @@ def test_docs_name_real_variables_and_files():
     known = SETTINGS | KERNEL_VARS | interpolated()
     unknown = {v for v in re.findall(r"\b(MEGALODON_[A-Z_]+)\b", text) if v not in known}
     assert not unknown, unknown
-    paths = set(re.findall(r"`((?:docker|server|tests)/[\w./-]*)`", text))
+    paths = set(re.findall(r"`((?:docker|server|tests|deploy|megalodon_cluster)/[\w./-]*)`", text))
     assert paths and not [p for p in paths if not exists(REPO / p)], paths
-    local = set(re.findall(r"`((?:secrets|caddy)/[\w./-]+|docker-compose[\w.]*\.yml|\.env\.example)`", text))
+    local = set(re.findall(r"`((?:secrets)/[\w./-]+|docker-compose[\w.]*\.yml|\.env\.example)`", text))
     assert local and not [p for p in local if not exists(DOCKER_DIR / p)], local

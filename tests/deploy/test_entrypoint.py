@@ -12,8 +12,9 @@ import subprocess
 import httpx
 import pytest
 
-from ._docker import CPU_DOCKERFILE, GPU_DOCKERFILE
-from ._server import ServerProcess, complete, container_spec
+from tests.deploy._docker import CPU_DOCKERFILE, GPU_DOCKERFILE
+from tests.deploy._server import complete, container_spec
+from tests.harness import ServerProcess
 
 # name -> (Dockerfile, compose service or None for a plain `docker run`)
 VARIANTS = {
@@ -46,9 +47,9 @@ def test_container_command_serves_health_and_a_completion(variant, compose, demo
     assert set(spec.substitutions) <= ALLOWED_SUBSTITUTIONS, spec.substitutions
     assert (spec.api_key is not None) == (service is not None), "compose passes the API key as a secret"
 
-    server = ServerProcess(spec.argv, spec.env, tmp_path / "server.log")
+    server = ServerProcess.from_command(spec.argv, spec.env, tmp_path / "server.log")
     try:
-        server.start()
+        server.wait_healthy()
         check = probe(spec.healthcheck, spec.env)
         assert check.returncode == 0, f"the container's healthcheck failed: {check.stderr}"
         if spec.api_key:
@@ -60,7 +61,7 @@ def test_container_command_serves_health_and_a_completion(variant, compose, demo
         if "MEGALODON_SERVED_MODEL_NAME" in spec.env:
             assert body["model"] == spec.env["MEGALODON_SERVED_MODEL_NAME"]
     finally:
-        status = server.stop()
+        status = server.terminate()
     # `docker stop` sends SIGTERM, then kills after the grace period: the server must exit 0 on its own.
     assert status == 0, f"exit status {status} after SIGTERM:\n{server.log_tail()}"
     assert probe(spec.healthcheck, spec.env).returncode == 1, "the healthcheck must fail with no server"

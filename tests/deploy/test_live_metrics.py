@@ -8,22 +8,23 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ._configs import config_problems
-from ._docker import CPU_DOCKERFILE
-from ._promql import Exposition
-from ._server import ServerProcess, complete, container_spec
+from tests.deploy._configs import config_problems
+from tests.deploy._docker import CPU_DOCKERFILE
+from tests.deploy._promql import Exposition
+from tests.deploy._server import complete, container_spec
+from tests.harness import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def served(compose, demo_model, tmp_path_factory) -> Iterator[tuple[ServerProcess, str]]:
     workdir = tmp_path_factory.mktemp("live_metrics")
     spec = container_spec(CPU_DOCKERFILE, compose["services"]["megalodon-cpu"], workdir, models_dir=demo_model)
-    server = ServerProcess(spec.argv, spec.env, workdir / "server.log")
+    server = ServerProcess.from_command(spec.argv, spec.env, workdir / "server.log")
     try:
-        server.start()
+        server.wait_healthy()
         yield server, spec.api_key
     finally:
-        server.stop()
+        server.terminate()
 
 
 @pytest.mark.slow

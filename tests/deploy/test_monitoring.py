@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.metrics import Metrics
-
-from ._configs import (
+from tests.deploy._configs import (
     DASHBOARD,
     DASHBOARD_PROVIDERS,
     DATASOURCES,
@@ -22,8 +21,8 @@ from ._configs import (
     dashboard,
     load_yaml,
 )
-from ._docker import DOCKER_DIR
-from ._promql import Exposition, dashboard_queries, references
+from tests.deploy._docker import DOCKER_DIR
+from tests.deploy._promql import Exposition, dashboard_queries, references
 
 # What the issue asks the dashboard to show, as the series that carry it.
 REQUIRED_SERIES = {

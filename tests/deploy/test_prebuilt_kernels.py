@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ._docker import CPU_DOCKERFILE, DOCKER_DIR, REPO, parse_dockerfile
+from tests.deploy._docker import CPU_DOCKERFILE, DOCKER_DIR, REPO, parse_dockerfile
+from tests.harness import SCRIPTS_DIR
 
 
 def wrapper(bin_dir: Path, name: str, target: str) -> None:
@@ -26,13 +27,16 @@ def wrapper(bin_dir: Path, name: str, target: str) -> None:
     path.chmod(0o755)
 
 
-def stage_env(stage_env: dict[str, str], layout: dict[str, Path], path: str) -> dict[str, str]:
+def stage_env(stage_env: dict[str, str], layout: dict[str, Path], path: str | None = None) -> dict[str, str]:
+    """The stage's ENV with container paths mapped by `layout`; PATH is `path`, or else the stage's own
+    PATH with `$PATH` standing for this process's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGALODON_", "TORCH_"))}
     for key, value in stage_env.items():
         for container, host in sorted(layout.items(), key=lambda kv: len(kv[0]), reverse=True):
             value = value.replace(container, str(host))
-        env[key] = value
-    env["PATH"] = path
+        env[key] = value.replace("$PATH", os.environ.get("PATH", "")) if key == "PATH" else value
+    if path is not None:
+        env["PATH"] = path
     return env
 
 
@@ -47,24 +51,25 @@ def run_stage_command(command: str, env: dict[str, str]) -> subprocess.Completed
 @pytest.mark.slow
 def test_cpu_kernels_from_the_builder_stage_load_without_a_compiler(tmp_path):
     builder, runtime = parse_dockerfile(CPU_DOCKERFILE)
-    ninja = shutil.which("ninja")
-    if ninja is None:
-        pytest.fail("ninja is not installed (torch's JIT extension loader needs it)")
+    ninja = SCRIPTS_DIR / "ninja"  # the images install ninja from PyPI into the venv, as the dev extras do
+    if not ninja.is_file():
+        pytest.fail(f"ninja is not installed in {SCRIPTS_DIR} (torch's JIT extension loader needs it)")
     image = tmp_path / "image"  # the image's /opt/megalodon
-    layout = {"/opt/megalodon": image, "/opt/venv": Path(sys.prefix)}
+    # /opt/venv/bin: the interpreter running the tests, and its scripts (ninja).
+    layout = {"/opt/megalodon": image, "/opt/venv": Path(sys.prefix), "/opt/venv/bin": SCRIPTS_DIR}
     # COPY keeps modification times; ninja compares them with the objects' when it decides to rebuild.
     shutil.copytree(REPO / "csrc", image / "csrc")
     (build_cmd,) = [i.args for i in builder.all("RUN") if "build_kernels.py" in i.args]
     (check_cmd,) = [i.args for i in runtime.all("RUN") if "build_kernels.py" in i.args]
 
-    built = run_stage_command(build_cmd, stage_env(builder.env, layout, os.environ["PATH"]))
+    built = run_stage_command(build_cmd, stage_env(builder.env, layout))  # the builder's PATH: venv, then this one
     assert built.returncode == 0, built.stdout + built.stderr
     assert list((image / "extensions").rglob("*.so")), "the builder stage left no compiled extension"
 
     runtime_bin = tmp_path / "runtime-bin"  # what the runtime image has on PATH: no c++, no gcc
     runtime_bin.mkdir()
     wrapper(runtime_bin, "python", sys.executable)
-    wrapper(runtime_bin, "ninja", ninja)
+    wrapper(runtime_bin, "ninja", str(ninja))
     runtime_env = stage_env(runtime.env, layout, str(runtime_bin))
     loaded = run_stage_command(check_cmd, runtime_env)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr

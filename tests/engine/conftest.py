@@ -19,7 +19,7 @@ def tiny_model():
 
 def greedy_alone(model, prompt: list[int], max_tokens: int) -> list[int]:
     """The specification: one request, its own fresh state, argmax at every step."""
-    state = model.init_state(1)
+    state = model.allocate_state(1)
     logits, _ = model(torch.tensor([prompt]), state, last_only=True)
     out = []
     for _ in range(max_tokens):

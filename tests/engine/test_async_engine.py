@@ -7,12 +7,11 @@ import asyncio
 import pytest
 
 from megalodon_infer import SamplingParams
-from megalodon_infer.async_engine import AsyncEngine
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.engine_config import EngineConfig
-from megalodon_infer.errors import EngineOverloadedError, EngineShutdownError
-
-from .conftest import greedy_alone, random_prompts
+from megalodon_infer.config import EngineConfig
+from megalodon_infer.engine.async_engine import AsyncEngine
+from megalodon_infer.engine.errors import EngineOverloadedError, EngineShutdownError
+from megalodon_infer.engine.llm_engine import LLMEngine
+from tests.engine.conftest import greedy_alone, random_prompts
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from megalodon_infer import SamplingParams
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.engine_config import EngineConfig
-from megalodon_infer.llm import LLM
-from megalodon_infer.scheduler import AddResult
-
-from .conftest import greedy_alone, random_prompts
+from megalodon_infer.config import EngineConfig
+from megalodon_infer.core.scheduler import AddResult
+from megalodon_infer.engine.llm import LLM
+from megalodon_infer.engine.llm_engine import LLMEngine
+from megalodon_infer.model.init import random_model
+from tests.engine.conftest import TINY, greedy_alone, random_prompts
 
 
 def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
@@ -64,18 +64,19 @@ def test_prefill_split_by_budget_equals_unsplit(tiny_model, budget):
         la = [lp.logprob for lp in a.outputs[0].logprobs]
         lb = [lp.logprob for lp in b.outputs[0].logprobs]
         assert la == pytest.approx(lb, abs=1e-9)
-        assert a.prompt_logprobs.logprobs[0] is None
-        assert a.prompt_logprobs.logprobs[1:] == pytest.approx(b.prompt_logprobs.logprobs[1:], abs=1e-9)
+        assert a.prompt_logprobs[0].logprob is None
+        assert [lp.logprob for lp in a.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in b.prompt_logprobs[1:]], abs=1e-9)
 
 
 def test_prompt_logprobs_are_the_models_log_softmax(tiny_model):
     prompt = random_prompts(1, seed=3, vocab=97, max_len=30)[0] + [5] * 10
     result = LLM(tiny_model, max_num_batched_tokens=16).generate(
         [prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
-    logits, _ = tiny_model(torch.tensor([prompt]), tiny_model.init_state(1))
+    logits, _ = tiny_model(torch.tensor([prompt]), tiny_model.allocate_state(1))
     expected = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
     assert result.outputs[0].token_ids == [] and result.outputs[0].finish_reason == "length"
-    assert result.prompt_logprobs.logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert [lp.logprob for lp in result.prompt_logprobs[1:]] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_abort_mid_prefill_and_mid_decode_frees_slots(tiny_model):
@@ -203,8 +204,71 @@ def test_invalid_requests_are_refused_up_front(tiny_model, prompt, params, match
 
 
 def test_pool_refuses_a_configuration_over_its_memory_limit(tiny_model):
-    from megalodon_infer.state_pool import PoolMemoryError
+    from megalodon_infer.core.state_pool import PoolMemoryError
 
     per_slot = LLMEngine(tiny_model, None, EngineConfig(max_num_seqs=1)).pool.bytes_per_slot
     with pytest.raises(PoolMemoryError, match="at most 3 slots would fit"):
         LLMEngine(tiny_model, None, EngineConfig(max_num_seqs=8, state_memory_limit_bytes=per_slot * 3 + 5))
+
+
+def test_a_failure_while_sampling_one_request_ends_it_alone(tiny_model):
+    """A request whose sampling state is broken (here: a logit_bias id past the vocabulary, as a bad
+    per-request tensor would be) fails alone; the others sample exactly what they sample alone."""
+    prompts = random_prompts(3, seed=8, vocab=97)
+    params = [SamplingParams(temperature=0.8, seed=10 + i, max_tokens=8, repetition_penalty=1.1) for i in range(3)]
+    alone = [LLM(tiny_model).generate([p], q)[0].outputs[0].token_ids for p, q in zip(prompts, params, strict=True)]
+    engine = LLMEngine(tiny_model, None, EngineConfig(max_num_seqs=4))
+    for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(f"r{i}", prompt, param)
+    engine.requests["r1"].choices[0].bias_ids = [10**6]  # breaks r1's row of the batched sampler
+    results = run_to_completion(engine)
+    assert results["r1"][-1].error and "sampling failed" in results["r1"][-1].error
+    assert results["r1"][-1].outputs[0].finish_reason == "error"
+    assert tokens_of(results["r0"]) == alone[0] and tokens_of(results["r2"]) == alone[2]
+    assert engine.pool.num_free == 4 and not engine.requests
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_per_request_tensors_live_on_the_model_device(tiny_model, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (scripts/gpu_check.sh runs it)")
+    model = tiny_model.to(device) if device != "cpu" else tiny_model
+    try:
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, prefix_cache_bytes=1 << 20, cuda_graphs=False))
+        params = SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=6, repetition_penalty=1.2,
+                                frequency_penalty=0.3, logit_bias={5: 1.0})
+        engine.add_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], params)
+        engine.step()
+        for choice in engine.requests["a"].choices:
+            assert choice.generator.device.type == device
+            assert choice.seen_mask.device.type == device and choice.output_counts.device.type == device
+        run_to_completion(engine)
+        engine.add_request("b", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(temperature=0.5, seed=1, max_tokens=3))
+        out = run_to_completion(engine)["b"]
+        assert out[-1].num_cached_tokens == 9 and not out[-1].error  # the stored prompt state, whole
+    finally:
+        if device != "cpu":
+            tiny_model.to("cpu")
+
+
+def test_an_eager_decode_step_reads_one_value_back_from_the_device(tiny_model, monkeypatch):
+    """The whole engine step (scheduler, fused decode, sampling with penalties, outputs) reads device
+    values on the host once: the sampled ids. On a GPU each read is a sync."""
+    model = random_model(TINY, seed=5)  # float32: the fused kernels' dtype
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, kernels="fused", prefix_cache_bytes=1 << 20))
+    for i in range(3):
+        engine.add_request(f"r{i}", [1 + i, 2, 3], SamplingParams(temperature=0.7, seed=i, top_p=0.9, max_tokens=40,
+                                                                repetition_penalty=1.1, frequency_penalty=0.2))
+    for _ in range(2):
+        engine.step()  # prefill, then the first decode
+    assert engine.runner.decode_backend == "fused" and not engine.scheduler.waiting
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n)
+                            or _o(self, *a, **k))
+    for _ in range(12):  # crosses a chunk boundary (C = 8): boundary snapshots included
+        before = len(reads)
+        outputs = engine.step()
+        assert len(reads) - before <= 1, reads[before:]
+        assert sum(len(o.outputs[0].token_ids) for o in outputs) == 3

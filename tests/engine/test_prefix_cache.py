@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from megalodon_infer import SamplingParams
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.engine_config import EngineConfig
-from megalodon_infer.prefix_cache import PrefixCache
-from megalodon_infer.sessions import SessionError
-from megalodon_infer.state_pool import SlotSnapshot
-
-from .conftest import greedy_alone
-from .test_engine import run_to_completion, tokens_of
+from megalodon_infer.config import EngineConfig
+from megalodon_infer.core.prefix_cache import PrefixCache
+from megalodon_infer.core.sessions import SessionError
+from megalodon_infer.core.state_pool import SlotSnapshot
+from megalodon_infer.engine.llm_engine import LLMEngine
+from tests.engine.conftest import greedy_alone
+from tests.engine.test_engine import run_to_completion, tokens_of
 
 C = 8  # chunk size of the tiny model
 
@@ -97,7 +96,7 @@ def test_prompt_logprobs_requests_bypass_the_cache(tiny_model):
     engine.add_request("echo", prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
     out = run_to_completion(engine)["echo"]
     assert out[-1].num_cached_tokens == 0
-    assert len([lp for o in out if o.prompt_logprobs for lp in o.prompt_logprobs.logprobs]) == len(prompt)
+    assert len([lp for o in out if o.prompt_logprobs for lp in o.prompt_logprobs]) == len(prompt)
 
 
 def fake_snapshot(nbytes_floats: int, position: int = 8) -> SlotSnapshot:
@@ -110,11 +109,11 @@ def test_eviction_keeps_the_budget_and_never_orphans_or_drops_pinned_entries():
     snap_bytes = fake_snapshot(100).nbytes()
     cache = PrefixCache(chunk_size=2, device_bytes=3 * snap_bytes, host_bytes=2 * snap_bytes)
     chain = [1, 2, 3, 4, 5, 6, 7, 8]
-    pinned = cache.insert_boundary(chain[:2], fake_snapshot(100, position=2), pin=True)
+    pinned = parent = cache.insert_boundary(None, chain[:2], fake_snapshot(100, position=2), pin=True)
     for end in (4, 6, 8):
-        cache.insert_boundary(chain[:end], fake_snapshot(100, position=end))
+        parent = cache.insert_boundary(parent, chain[end - 2:end], fake_snapshot(100, position=end))
     for other in ([9, 9], [8, 8], [7, 7]):
-        cache.insert_boundary(other, fake_snapshot(100, position=2))
+        cache.insert_boundary(None, other, fake_snapshot(100, position=2))
         assert cache.stored_bytes(on_host=False) <= 3 * snap_bytes
         assert cache.stored_bytes(on_host=True) <= 2 * snap_bytes
     assert pinned in cache._entries and not pinned.on_host
@@ -123,19 +122,39 @@ def test_eviction_keeps_the_budget_and_never_orphans_or_drops_pinned_entries():
     assert cache.stats.evictions > 0
     cache.unpin(pinned)
     for other in ([6, 6], [5, 5], [4, 4], [3, 3]):
-        cache.insert_boundary(other, fake_snapshot(100, position=2))
+        cache.insert_boundary(None, other, fake_snapshot(100, position=2))
     assert pinned not in cache._entries or pinned.on_host
+
+
+def test_eviction_cost_does_not_grow_with_the_number_of_entries(monkeypatch):
+    """Each insert into a full cache evicts by popping a heap: the work per insert stays bounded
+    (no scan over the stored entries, no re-summing of their bytes)."""
+    snap_bytes = fake_snapshot(10).nbytes()
+    cache = PrefixCache(chunk_size=2, device_bytes=50 * snap_bytes, host_bytes=50 * snap_bytes)
+    checks = []
+    original = PrefixCache._evictable
+    monkeypatch.setattr(PrefixCache, "_evictable", lambda self, e: checks.append(1) or original(self, e))
+    per_insert = []
+    for i in range(2000):
+        before = len(checks)
+        cache.insert_boundary(None, [i, i], fake_snapshot(10, position=2))
+        per_insert.append(len(checks) - before)
+        assert cache.stored_bytes(on_host=False) <= 50 * snap_bytes
+        assert cache.stored_bytes(on_host=True) <= 50 * snap_bytes
+    assert len(cache) == 100 and cache.stats.evictions == 1950
+    assert max(per_insert[200:]) <= 8  # the same at 2,000 inserts as at 200
+    assert cache.stored_bytes() == sum(e.nbytes for e in cache._entries)
 
 
 def test_lookup_is_exact_not_by_hash():
     cache = PrefixCache(chunk_size=2, device_bytes=1 << 20)
-    cache.insert_boundary([1, 2], fake_snapshot(4, position=2))
+    root = cache.insert_boundary(None, [1, 2], fake_snapshot(4, position=2))
     cache.insert_final([1, 2, 3], fake_snapshot(4, position=3), torch.zeros(5))
     assert cache.lookup([1, 2, 3, 4]).num_tokens == 3
     assert cache.lookup([1, 2, 3]).num_tokens == 3  # whole prompt: served from stored logits
     assert cache.lookup([1, 2, 3], allow_full=False).num_tokens == 2
     assert cache.lookup([1, 2]) is None  # a boundary stored without logits: at least one token must run
-    cache.insert_boundary([1, 2, 7, 7], fake_snapshot(4, position=4), last_logits=torch.zeros(5))
+    cache.insert_boundary(root, [7, 7], fake_snapshot(4, position=4), last_logits=torch.zeros(5))
     assert cache.lookup([1, 2, 7, 7]).num_tokens == 4
     assert cache.lookup([2, 1, 3]) is None and cache.lookup([1, 3, 3]) is None
 
@@ -184,3 +203,62 @@ def test_damaged_foreign_or_oversized_sessions_are_refused(tiny_model, tmp_path)
         engine.load_session("good", tmp_path)
     with pytest.raises(SessionError, match="no saved session"):
         engine.load_session("missing", tmp_path)
+
+
+@pytest.mark.parametrize("shared", [5, 13, 21])
+def test_a_shared_prefix_ending_inside_a_chunk_is_computed_at_most_twice(tiny_model, shared):
+    """Junctions: the second request that diverges from a cached path inside a chunk keeps its state
+    at the divergence point, so the third finds the whole shared prefix (shorter than a chunk, or
+    ending inside one); outputs stay those of the cache off."""
+    g = torch.Generator().manual_seed(shared)
+    prefix = torch.randint(0, 97, (shared,), generator=g).tolist()
+    # suffixes with distinct first tokens: the prompts agree on exactly `shared` tokens
+    prompts = [prefix + [first] + torch.randint(0, 97, (6,), generator=g).tolist() for first in (90, 91, 92, 93)]
+    engine = make_engine(tiny_model)
+    prefilled = []
+    original = engine.runner.prefill
+    engine.runner.prefill = lambda slot, toks, all_logits: prefilled.append(len(toks)) or original(slot, toks,
+                                                                                                   all_logits)
+    cached, outputs = [], []
+    params = SamplingParams(temperature=0.7, seed=5, max_tokens=5)
+    for i, prompt in enumerate(prompts):
+        prefilled.clear()
+        engine.add_request(f"r{i}", prompt, params)
+        out = run_to_completion(engine)[f"r{i}"]
+        cached.append(out[-1].num_cached_tokens)
+        outputs.append(tokens_of(out))
+        if i == 1:
+            assert (shared % C) in prefilled or shared % C == 0  # a segment ended exactly at the junction
+    assert cached[0] == 0 and cached[1] == (shared // C) * C
+    assert cached[2] >= shared and cached[3] >= shared
+    off = make_engine(tiny_model, cache_bytes=0)
+    for i, prompt in enumerate(prompts):
+        off.add_request(f"r{i}", prompt, params)
+    assert [tokens_of(v) for _, v in sorted(run_to_completion(off).items())] == outputs
+
+
+def test_the_same_prompt_again_is_served_from_the_stored_prompt_state(tiny_model):
+    """A prompt ending inside a chunk leaves its state and last logits: sent again it runs no prefill."""
+    prompt = list(range(30, 41))  # 11 tokens: one chunk and 3
+    engine = make_engine(tiny_model)
+    engine.add_request("first", prompt, SamplingParams(temperature=0, max_tokens=1))
+    run_to_completion(engine)
+    calls = []
+    original = engine.runner.prefill
+    engine.runner.prefill = lambda *a: calls.append(a) or original(*a)
+    engine.add_request("again", prompt, SamplingParams(temperature=0, max_tokens=4))
+    out = run_to_completion(engine)["again"]
+    assert not calls and out[-1].num_cached_tokens == len(prompt)
+    assert tokens_of(out) == greedy_alone(tiny_model, prompt, 4)
+
+
+def test_match_length_compares_tokens_beyond_stored_states():
+    cache = PrefixCache(chunk_size=4, device_bytes=1 << 20)
+    root = cache.insert_boundary(None, [1, 2, 3, 4], fake_snapshot(4, position=4))
+    cache.insert_boundary(root, [5, 6, 7, 8], fake_snapshot(4, position=8))
+    cache.insert_final([1, 2, 3, 4, 9, 9, 9], fake_snapshot(4, position=7), None)
+    assert cache.match_length([1, 2, 3, 4, 5, 6, 0]) == 6  # inside the stored block [5, 6, 7, 8]
+    assert cache.match_length([1, 2, 3, 4, 9, 9, 1]) == 6  # inside the final's tail
+    assert cache.match_length([1, 2, 3, 4, 5, 6, 7, 8, 2]) == 8
+    assert cache.match_length([1, 2, 7]) == 2 and cache.match_length([3]) == 0
+    assert cache.match_length([1, 2]) == 2  # never longer than the prompt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megalodon_infer.scheduler import AddResult, SchedRequest, Scheduler, SchedulerConfig
+from megalodon_infer.core.scheduler import AddResult, SchedRequest, Scheduler, SchedulerConfig
 
 
 class Slots:
@@ -108,4 +108,4 @@ def test_n_sequences_decode_after_one_prefill_and_finish_one_by_one():
     first, second, third = sched.running["a"].slot_ids
     assert not sched.finish_sequence("a", first) and slots.num_free == 2
     assert not sched.finish_sequence("a", second)
-    assert sched.finish_sequence("a", third) and slots.num_free == 4 and not sched.has_unfinished()
+    assert sched.finish_sequence("a", third) and slots.num_free == 4 and not sched.running and not sched.waiting

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from megalodon_infer import ModelConfig, SamplingParams
-from megalodon_infer.llm import LLM
+from megalodon_infer.engine.llm import LLM
+from megalodon_infer.engine.request import Request
 from megalodon_infer.model.init import random_model
-from megalodon_infer.sequence import Request
-from megalodon_infer.tokenizer import Tokenizer
+from megalodon_infer.tokenization.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +60,17 @@ def feed(request: Request, token_ids: list[int]) -> list[str]:
     return deltas
 
 
+def make_request(params: SamplingParams, tokenizer) -> Request:
+    return Request("r", [1], params, params.max_tokens, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
+                   device=torch.device("cpu"), arrival_time=0.0, queued_time=0.0)
+
+
 def test_multibyte_characters_split_over_byte_tokens_are_never_broken(tokenizer):
     text = " ok \U0001f600 fin \u00e9\u4e2d"
     ids = tokenizer.encode(text, add_bos=False)
     byte_tokens = [i for i in ids if tokenizer.byte_value(i) is not None]
     assert len(byte_tokens) >= 4  # the emoji and CJK character really are spelled in bytes
-    request = Request("r", [1], SamplingParams(max_tokens=100), tokenizer, tokenizer.vocab_size, 1000)
+    request = make_request(SamplingParams(max_tokens=100), tokenizer)
     deltas = feed(request, ids)
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tokenizer.decode([1, *ids])[len(tokenizer.decode([1])):]
@@ -75,8 +80,7 @@ def test_multibyte_characters_split_over_byte_tokens_are_never_broken(tokenizer)
 
 def test_stop_string_split_across_deltas_is_held_back(tokenizer):
     ids = tokenizer.encode("x = 1\nreturn value\n", add_bos=False)
-    request = Request("r", [1], SamplingParams(max_tokens=100, stop=["return"]), tokenizer,
-                      tokenizer.vocab_size, 1000)
+    request = make_request(SamplingParams(max_tokens=100, stop=["return"]), tokenizer)
     deltas = feed(request, ids)
     assert "".join(deltas) == "x = 1\n"
     assert request.choices[0].finish_reason == "stop" and request.choices[0].stop_reason == "return"
@@ -84,10 +88,10 @@ def test_stop_string_split_across_deltas_is_held_back(tokenizer):
 
 
 def test_eos_ends_the_choice_without_text_and_min_tokens_delays_it(tokenizer):
-    request = Request("r", [1], SamplingParams(max_tokens=10), tokenizer, tokenizer.vocab_size, 1000)
+    request = make_request(SamplingParams(max_tokens=10), tokenizer)
     feed(request, [tokenizer.encode("a", add_bos=False)[-1], tokenizer.eos_id])
     assert request.choices[0].finish_reason == "stop" and request.choices[0].stop_reason is None
-    delayed = Request("r", [1], SamplingParams(max_tokens=10, min_tokens=3), tokenizer, tokenizer.vocab_size, 1000)
+    delayed = make_request(SamplingParams(max_tokens=10, min_tokens=3), tokenizer)
     feed(delayed, [tokenizer.eos_id, tokenizer.eos_id])
     assert delayed.choices[0].finish_reason is None
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from megalodon_infer import ModelConfig
-from megalodon_infer.cuda_graphs import DecodeGraphRunner
 from megalodon_infer.kernels import load_cuda_extension
 from megalodon_infer.model.init import random_model
-
-from .conftest import NO_CUDA
+from megalodon_infer.worker.cuda_graphs import DecodeGraphRunner
+from megalodon_infer.worker.decode_ops import build_decode_ops
+from tests.kernels.conftest import NO_CUDA
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
 
@@ -20,23 +20,24 @@ NUM_SLOTS, PAD_SLOT = 9, 8
 
 
 def models_and_states():
+    """Two identical models with primed pools: decode ops with the fused kernels, and the reference."""
     load_cuda_extension()
     out = []
     for mode in ("fused", "reference"):
         model = random_model(CFG, seed=2, dtype=torch.float32, device="cuda")
-        model.set_decode_kernels(mode)
-        state = model.init_state(NUM_SLOTS)
+        ops = build_decode_ops(model, mode=mode)
+        state = model.allocate_state(NUM_SLOTS)
         g = torch.Generator().manual_seed(1)
         for slot, length in [(0, 3), (2, 16), (5, 21), (6, 9)]:
             prompt = torch.randint(0, CFG.vocab_size, (1, length), generator=g)
             model(prompt, state, slot_ids=torch.tensor([slot]))
-        out.append((model, state))
+        out.append((model, state, ops))
     return out
 
 
 def test_graph_replay_matches_eager_reference_across_chunk_boundaries():
-    (model, state), (ref, ref_state) = models_and_states()
-    runner = DecodeGraphRunner(model, state, PAD_SLOT, buckets=(1, 2, 4, 8))
+    (model, state, ops), (ref, ref_state, ref_ops) = models_and_states()
+    runner = DecodeGraphRunner(model, state, PAD_SLOT, ops, buckets=(1, 2, 4, 8))
     runner.capture()
     assert runner.captured_buckets == (1, 2, 4, 8)
     g = torch.Generator().manual_seed(3)
@@ -45,7 +46,7 @@ def test_graph_replay_matches_eager_reference_across_chunk_boundaries():
         slots = torch.tensor(batches[step % len(batches)])
         tokens = torch.randint(0, CFG.vocab_size, (len(slots),), generator=g)
         got = runner.step(tokens, slots).clone()
-        expected = ref.decode_step(tokens.cuda(), ref_state, slots.cuda())
+        expected = ref.decode_step(tokens.cuda(), ref_state, slots.cuda(), ref_ops)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     live = [0, 2, 5, 6]
     torch.testing.assert_close(state.position[live], ref_state.position[live])
@@ -54,11 +55,11 @@ def test_graph_replay_matches_eager_reference_across_chunk_boundaries():
 
 
 def test_batches_above_the_largest_bucket_run_eagerly():
-    (model, state), (ref, ref_state) = models_and_states()
-    runner = DecodeGraphRunner(model, state, PAD_SLOT, buckets=(1, 2))
+    (model, state, ops), (ref, ref_state, ref_ops) = models_and_states()
+    runner = DecodeGraphRunner(model, state, PAD_SLOT, ops, buckets=(1, 2))
     runner.capture()
     slots = torch.tensor([0, 2, 5])
     tokens = torch.tensor([1, 2, 3])
     assert runner.bucket_for(3) is None
-    torch.testing.assert_close(runner.step(tokens, slots), ref.decode_step(tokens.cuda(), ref_state, slots.cuda()),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(runner.step(tokens, slots),
+                               ref.decode_step(tokens.cuda(), ref_state, slots.cuda(), ref_ops), rtol=0, atol=1e-4)

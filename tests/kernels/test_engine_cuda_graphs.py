@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from megalodon_infer import ModelConfig, SamplingParams
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.engine_config import EngineConfig
+from megalodon_infer.config import EngineConfig
+from megalodon_infer.engine.llm_engine import LLMEngine
 from megalodon_infer.model.init import random_model
-
-from .conftest import NO_CUDA
+from tests.kernels.conftest import NO_CUDA
 
 CFG = ModelConfig(num_layers=2, model_dim=64, z_dim=32, value_dim=64, num_heads=2, ffn_hidden_dim=96, cema_ndim=8,
                   norm_num_groups=4, vocab_size=97, chunk_size=16)

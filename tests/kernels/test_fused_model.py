@@ -8,6 +8,7 @@ import torch
 from megalodon_infer import ModelConfig
 from megalodon_infer.model.init import random_model
 from megalodon_infer.model.state import allocate_state
+from megalodon_infer.worker.decode_ops import build_decode_ops
 
 CFG = ModelConfig(num_layers=2, model_dim=64, z_dim=32, value_dim=64, num_heads=2, ffn_hidden_dim=96, cema_ndim=8,
                   norm_num_groups=4, vocab_size=97, chunk_size=16)
@@ -17,15 +18,16 @@ PROMPT_LENGTHS = [5, 16, 23]  # mid-chunk, exactly one chunk (next fill 0), past
 
 
 def fused_and_reference(device: str, kv_dtype: torch.dtype):
-    models, states = [], []
+    """Two identical models and pools; decode ops with the fused kernels for one, the reference for the other."""
+    models, states, ops = [], [], []
     for mode in ("fused", "reference"):
         model = random_model(CFG, seed=11, dtype=torch.float32, device=device)
-        model.set_decode_kernels(mode)
         state = allocate_state(CFG, NUM_SLOTS, kv_dtype, torch.float32, device)
         model.reset_rows(state, torch.arange(NUM_SLOTS, device=device))
         models.append(model)
         states.append(state)
-    return models, states
+        ops.append(build_decode_ops(model, kv_dtype, mode))
+    return models, states, ops
 
 
 def prefill(model, state, prompts: list[torch.Tensor]) -> torch.Tensor:
@@ -37,8 +39,8 @@ def prefill(model, state, prompts: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv-f32", "kv-bf16"])
 def test_greedy_decode_fused_equals_reference(device, kv_dtype):
-    (fused, ref), (fused_state, ref_state) = fused_and_reference(device, kv_dtype)
-    assert fused.decode_kernels(kv_dtype).is_fused and not ref.decode_kernels(kv_dtype).is_fused
+    (fused, ref), (fused_state, ref_state), (fused_ops, ref_ops) = fused_and_reference(device, kv_dtype)
+    assert fused_ops.is_fused and not ref_ops.is_fused
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in PROMPT_LENGTHS]
     slot_ids = torch.tensor(SLOTS, device=device)
@@ -48,8 +50,8 @@ def test_greedy_decode_fused_equals_reference(device, kv_dtype):
         next_f, next_r = logits_f.argmax(-1), logits_r.argmax(-1)
         tokens_f.append(next_f.tolist())
         tokens_r.append(next_r.tolist())
-        logits_f = fused(next_f[:, None], fused_state, slot_ids=slot_ids)[0][:, 0]
-        logits_r = ref(next_r[:, None], ref_state, slot_ids=slot_ids)[0][:, 0]
+        logits_f = fused.decode_step(next_f, fused_state, slot_ids, fused_ops)
+        logits_r = ref.decode_step(next_r, ref_state, slot_ids, ref_ops)
         torch.testing.assert_close(logits_f, logits_r, rtol=0, atol=1e-4)
     assert tokens_f == tokens_r
     for name, tensor in fused_state.tensors().items():
@@ -64,10 +66,10 @@ def test_greedy_decode_fused_equals_reference(device, kv_dtype):
 
 
 def test_decode_step_leaves_other_slots_alone(device):
-    (fused, _), (state, _) = fused_and_reference(device, torch.float32)
+    (fused, _), (state, _), (fused_ops, _) = fused_and_reference(device, torch.float32)
     before = {k: v.clone() for k, v in state.tensors().items()}
     slot_ids = torch.tensor(SLOTS, device=device)
-    fused.decode_step(torch.tensor([3, 4, 5], device=device), state, slot_ids)
+    fused.decode_step(torch.tensor([3, 4, 5], device=device), state, slot_ids, fused_ops)
     others = [s for s in range(NUM_SLOTS) if s not in SLOTS]
     for name, tensor in state.tensors().items():
         row_dim = 0 if name == "position" else 1

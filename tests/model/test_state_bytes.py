@@ -24,14 +24,14 @@ def test_allocated_state_matches_slot_bytes():
                       cema_ndim=4, chunk_size=8, norm_num_groups=4, vocab_size=11)
     for dtype in (torch.float32, torch.bfloat16):
         model = random_model(cfg, dtype=dtype)
-        assert model.init_state(5).nbytes() == 5 * slot_bytes(cfg, kv_dtype=dtype)
+        assert model.allocate_state(5).nbytes() == 5 * slot_bytes(cfg, kv_dtype=dtype)
 
 
 def test_readme_table_is_the_functions_output():
     """The README's per-request memory table is computed, not typed: it must equal the function's."""
     from pathlib import Path
 
-    from megalodon_infer.memory_table import state_size_table
+    from tools.memory_table import state_size_table
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start, end = "<!-- state-table:start -->\n", "\n<!-- state-table:end -->"

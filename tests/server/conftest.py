@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_harness import ServerProcess
 
-from server.settings import demo_model_dir
+from megalodon_infer.config import DEMO_MODEL_DIR
+from tests.harness import ServerProcess, running_server
 
 API_KEYS = ("test-key-one", "test-key-two")
 MAX_NUM_SEQS = 4
@@ -37,7 +37,7 @@ MODEL_NAME = "test-model"
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The bundled demo model: what `megalodon-serve` serves by default."""
-    path = demo_model_dir()
+    path = DEMO_MODEL_DIR
     if not (path / "model.safetensors").is_file() or not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"the bundled demo model is missing from {path}: run scripts/train_demo.py")
     return path
@@ -45,13 +45,9 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("server") / "server.log", SERVER_ARGS,
-                            api_keys=API_KEYS)
-    try:
-        process.wait_healthy()
+    with running_server(model_dir, tmp_path_factory.mktemp("server") / "server.log", SERVER_ARGS,
+                        api_keys=API_KEYS) as process:
         yield process
-    finally:
-        process.terminate()
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from megalodon_infer import SamplingParams
+from megalodon_infer.engine.errors import ContextLengthError
+from megalodon_infer.engine.validation import RequestLimits, validate_request
 from server.convert import to_sampling_params
 from server.errors import (
     OpenAIError,
-    check_context_length,
     context_length_message,
     install_error_handlers,
     model_not_found,
@@ -24,9 +26,19 @@ from server.errors import (
     to_openai_error,
     unauthorized,
 )
+from server.generation import engine_error
 from server.metrics import Metrics, build_1_2_5_buckets
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sse import SSE_DONE, SSE_KEEPALIVE, SSE_MEDIA_TYPE, sse_error_event, sse_event, sse_headers
+
+
+def check_context_length(*, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The engine's context rule (the one place it lives), mapped to HTTP the way the server maps it."""
+    limits = RequestLimits(vocab_size=10, output_vocab_size=10, max_model_len=max_model_len, max_num_seqs=1)
+    try:
+        return validate_request([1] * num_prompt_tokens, SamplingParams(max_tokens=max_tokens), limits)
+    except ContextLengthError as exc:
+        raise engine_error(exc) from None
 
 
 def make_app() -> FastAPI:
@@ -37,7 +49,7 @@ def make_app() -> FastAPI:
     async def completions(req: CompletionRequest) -> dict:
         if req.model not in (None, "megalodon"):
             raise model_not_found(req.model)
-        params = to_sampling_params(req, default_max_tokens=100)
+        params = to_sampling_params(req)
         return {"max_tokens": params.max_tokens}
 
     @app.post("/v1/chat/completions")
@@ -200,7 +212,8 @@ def test_context_length_boundaries() -> None:
     # Exactly full is allowed (echo scoring with max_tokens=0 uses the whole window).
     check_context_length(num_prompt_tokens=4000, max_tokens=96, max_model_len=4096)
     check_context_length(num_prompt_tokens=4096, max_tokens=0, max_model_len=4096)
-    check_context_length(num_prompt_tokens=4096, max_tokens=None, max_model_len=4096)
+    assert check_context_length(num_prompt_tokens=4096, max_tokens=None, max_model_len=4096) == 0
+    assert check_context_length(num_prompt_tokens=4000, max_tokens=None, max_model_len=4096) == 96  # the room left
     with pytest.raises(OpenAIError, match="for a total of 4097 tokens"):
         check_context_length(num_prompt_tokens=4000, max_tokens=97, max_model_len=4096)
     assert "contains 10 input tokens" in context_length_message(max_model_len=8, num_prompt_tokens=10, max_tokens=1)
@@ -307,6 +320,10 @@ EXPECTED_FAMILIES = {
     "megalodon:request_generation_tokens": "histogram",
     "megalodon:request_params_n": "histogram",
     "megalodon:request_params_max_tokens": "histogram",
+    # what routers written for vLLM score replicas by
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
 }
 
 
@@ -348,6 +365,8 @@ def test_counters_gauges_and_histograms_move() -> None:
     assert value("megalodon:prefix_cache_hits_total") == 64
     assert value("megalodon:num_requests_running") == 3 and value("megalodon:num_requests_waiting") == 5
     assert value("megalodon:state_slot_usage_perc") == 0.75
+    assert value("vllm:num_requests_running") == 3 and value("vllm:num_requests_waiting") == 5
+    assert value("vllm:kv_cache_usage_perc") == 0.75
     assert value("megalodon:num_state_checkpoints") == 12
     assert value("megalodon:http_requests_client_disconnected_total") == 1
     assert value("megalodon:request_success_total", finished_reason="length") == 1

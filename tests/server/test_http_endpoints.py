@@ -7,11 +7,11 @@ import httpx
 import openai
 import pytest
 from conftest import MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL_NAME
-from http_harness import ServerProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import megalodon_infer
 from server.metrics import TTFT_BUCKETS
+from tests.harness import ServerProcess, wait_until
 
 
 def test_health_and_version(http: httpx.Client) -> None:
@@ -91,7 +91,8 @@ def test_metrics_parse_and_use_vllm_layouts(server: ServerProcess) -> None:
 def test_counters_move_as_requests_complete(server: ServerProcess, http: httpx.Client, stream: bool) -> None:
     assert wait_until(lambda: server.metrics()["megalodon:num_requests_running"] == 0)
     before = server.metrics()
-    prompt = [1, 40, 41, 42, 43]
+    # a prompt no other test sends: the prefix cache (on by default) must not serve any of it
+    prompt = [1, 3140 + stream, 3141, 3142, 3143]
     body = {"prompt": prompt, "max_tokens": 7, "ignore_eos": True, "stream": stream}
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 200

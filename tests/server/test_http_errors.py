@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 from conftest import API_KEYS, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_REQUEST_BYTES, MAX_WAITING, MODEL_NAME
-from http_harness import ServerProcess, wait_until
+
+from tests.harness import ServerProcess, wait_until
 
 CONTEXT_LENGTH_RE = re.compile(
     r"This model's maximum context length is (\d+) tokens\. However, you requested (\d+) output tokens and your "

@@ -12,14 +12,14 @@ from pathlib import Path
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from http_harness import wait_until
 
-from megalodon_infer.engine import LLMEngine
-from megalodon_infer.loading import load_model
+from megalodon_infer.engine.llm_engine import LLMEngine
+from megalodon_infer.model.loading import load_model
 from server.app import build_app
 from server.generation import ENGINE_FAILED_MESSAGE
 from server.settings import ServerSettings
 from server.state import load_engine
+from tests.harness import wait_until
 
 SECRET = "/opt/secret/weights.bin"
 

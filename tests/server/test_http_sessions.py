@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from http_harness import ServerProcess
 
 from megalodon_infer import SamplingParams
-from megalodon_infer.llm import LLM
+from megalodon_infer.engine.llm import LLM
+from tests.harness import ServerProcess
 
 
 def completion_ids(base_url: str, prompt: list[int], max_tokens: int) -> tuple[list[int], dict]:
@@ -33,6 +33,7 @@ def start(model_dir: Path, session_dir: Path, log: Path) -> ServerProcess:
     return server
 
 
+@pytest.mark.slow
 def test_session_survives_a_restart_and_the_next_turn_hits_it(model_dir, session_dir, tmp_path):
     first = start(model_dir, session_dir, tmp_path / "first.log")
     try:
@@ -68,6 +69,7 @@ def test_session_survives_a_restart_and_the_next_turn_hits_it(model_dir, session
     assert tokens == expected[0].outputs[0].token_ids
 
 
+@pytest.mark.slow
 def test_session_errors(model_dir, session_dir, tmp_path, server, http):
     own = start(model_dir, session_dir, tmp_path / "errors.log")
     try:

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import httpx
 import pytest
 from conftest import MAX_NUM_SEQS
-from http_harness import ServerProcess, wait_until
+
+from tests.harness import ServerProcess, wait_until
 
 KEEPALIVE = ": keep-alive"
 

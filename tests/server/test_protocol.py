@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from megalodon_infer.sampling_params import SamplingParams
+from megalodon_infer.sample.params import SamplingParams
 from server.convert import to_sampling_params
 from server.errors import InvalidParameterError
 from server.protocol import (
@@ -289,7 +289,7 @@ def test_error_response_is_nested() -> None:
 
 
 def test_absent_knobs_take_the_engine_defaults() -> None:
-    params = to_sampling_params(completion(), default_max_tokens=100)
+    params = to_sampling_params(completion())
     expected = SamplingParams(max_tokens=16)
     assert params == expected
 
@@ -301,7 +301,7 @@ def test_every_completion_field_maps_onto_sampling_params() -> None:
         seed=1234, stop=["\n\n", "END"], stop_token_ids=[2], ignore_eos=True, min_tokens=3,
         max_tokens=50, logprobs=2, include_stop_str_in_output=True, skip_special_tokens=False,
     )
-    params = to_sampling_params(req, default_max_tokens=999)
+    params = to_sampling_params(req)
     assert params == SamplingParams(
         n=2, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={7: 5.0, 11: -100.0}, seed=1234,
@@ -311,34 +311,34 @@ def test_every_completion_field_maps_onto_sampling_params() -> None:
 
 
 def test_single_stop_string_becomes_a_list() -> None:
-    assert to_sampling_params(completion(stop="###"), default_max_tokens=1).stop == ["###"]
-    assert to_sampling_params(completion(stop=None), default_max_tokens=1).stop == []
+    assert to_sampling_params(completion(stop="###")).stop == ["###"]
+    assert to_sampling_params(completion(stop=None)).stop == []
 
 
 def test_null_max_tokens_uses_the_servers_default() -> None:
-    assert to_sampling_params(completion(max_tokens=None), default_max_tokens=123).max_tokens == 123
-    assert to_sampling_params(completion(max_tokens=0, echo=True), default_max_tokens=123).max_tokens == 0
+    assert to_sampling_params(completion(max_tokens=None)).max_tokens is None  # the engine gives it the room left
+    assert to_sampling_params(completion(max_tokens=0, echo=True)).max_tokens == 0
 
 
 @pytest.mark.parametrize("top_k", [0, -1, None])
 def test_top_k_zero_minus_one_and_null_all_disable_top_k(top_k: int | None) -> None:
-    assert to_sampling_params(completion(top_k=top_k), default_max_tokens=1).top_k == -1
+    assert to_sampling_params(completion(top_k=top_k)).top_k == -1
 
 
 def test_echo_with_logprobs_asks_for_prompt_logprobs() -> None:
     # lm-eval loglikelihood: echo + logprobs=1 + max_tokens=1.
-    params = to_sampling_params(completion(echo=True, logprobs=1, max_tokens=1), default_max_tokens=9)
+    params = to_sampling_params(completion(echo=True, logprobs=1, max_tokens=1))
     assert (params.logprobs, params.prompt_logprobs) == (1, 1)
-    assert to_sampling_params(completion(echo=True), default_max_tokens=9).prompt_logprobs is None
-    assert to_sampling_params(completion(logprobs=3), default_max_tokens=9).prompt_logprobs is None
+    assert to_sampling_params(completion(echo=True)).prompt_logprobs is None
+    assert to_sampling_params(completion(logprobs=3)).prompt_logprobs is None
     explicit = completion(echo=True, logprobs=1, prompt_logprobs=5)
-    assert to_sampling_params(explicit, default_max_tokens=9).prompt_logprobs == 5
+    assert to_sampling_params(explicit).prompt_logprobs == 5
 
 
 def test_chat_max_completion_tokens_wins_over_max_tokens() -> None:
-    assert to_sampling_params(chat(max_tokens=10, max_completion_tokens=20), default_max_tokens=99).max_tokens == 20
-    assert to_sampling_params(chat(max_tokens=10), default_max_tokens=99).max_tokens == 10
-    assert to_sampling_params(chat(), default_max_tokens=99).max_tokens == 99
+    assert to_sampling_params(chat(max_tokens=10, max_completion_tokens=20)).max_tokens == 20
+    assert to_sampling_params(chat(max_tokens=10)).max_tokens == 10
+    assert to_sampling_params(chat()).max_tokens is None
 
 
 @pytest.mark.parametrize(
@@ -346,13 +346,12 @@ def test_chat_max_completion_tokens_wins_over_max_tokens() -> None:
     [({}, None), ({"logprobs": False}, None), ({"logprobs": True}, 0), ({"logprobs": True, "top_logprobs": 5}, 5)],
 )
 def test_chat_logprobs_switch_and_count(body: dict, expected: int | None) -> None:
-    assert to_sampling_params(chat(**body), default_max_tokens=9).logprobs == expected
+    assert to_sampling_params(chat(**body)).logprobs == expected
 
 
 def test_chat_sampling_fields_map_like_completions() -> None:
     params = to_sampling_params(
         chat(temperature=0, seed=7, stop="x", logit_bias={"3": 1}, ignore_eos=True, echo=True, logprobs=True),
-        default_max_tokens=9,
     )
     assert params.is_greedy and params.seed == 7 and params.stop == ["x"] and params.logit_bias == {3: 1.0}
     assert params.ignore_eos is True
@@ -362,13 +361,13 @@ def test_chat_sampling_fields_map_like_completions() -> None:
 @pytest.mark.parametrize("key", ["abc", "1.5", ""])
 def test_logit_bias_keys_must_be_integer_token_ids(key: str) -> None:
     with pytest.raises(ValueError, match="logit_bias") as info:
-        to_sampling_params(completion(logit_bias={key: 1.0}), default_max_tokens=1)
+        to_sampling_params(completion(logit_bias={key: 1.0}))
     assert info.value.param == "logit_bias"
 
 
 def test_negative_logit_bias_key_is_refused() -> None:
     with pytest.raises(InvalidParameterError, match="non-negative"):
-        to_sampling_params(completion(logit_bias={"-3": 1.0}), default_max_tokens=1)
+        to_sampling_params(completion(logit_bias={"-3": 1.0}))
 
 
 @pytest.mark.parametrize(
@@ -388,16 +387,16 @@ def test_negative_logit_bias_key_is_refused() -> None:
 )
 def test_out_of_range_values_raise_value_error_naming_the_field(body: dict, param: str) -> None:
     with pytest.raises(ValueError, match=param) as info:
-        to_sampling_params(completion(**body), default_max_tokens=1)
+        to_sampling_params(completion(**body))
     assert info.value.param == param
 
 
 def test_chat_errors_name_the_field_the_client_sent() -> None:
     with pytest.raises(ValueError) as info:
-        to_sampling_params(chat(max_completion_tokens=5, min_tokens=9), default_max_tokens=1)
+        to_sampling_params(chat(max_completion_tokens=5, min_tokens=9))
     assert info.value.param == "min_tokens"
     with pytest.raises(ValueError) as info:
-        to_sampling_params(chat(max_tokens=-2), default_max_tokens=1)
+        to_sampling_params(chat(max_tokens=-2))
     assert info.value.param == "max_tokens"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from megalodon_infer.tokenizer import Tokenizer
+from megalodon_infer.tokenization.tokenizer import Tokenizer
 
 # The user-defined pieces the session tokenizer (tests/conftest.py) is trained with.
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]

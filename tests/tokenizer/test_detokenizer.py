@@ -6,10 +6,9 @@ import random
 
 import pytest
 
-from megalodon_infer.detokenizer import IncrementalDetokenizer, StopStringMatcher, incomplete_utf8_tail
-from megalodon_infer.tokenizer import Tokenizer
-
-from .conftest import byte_id, random_text
+from megalodon_infer.tokenization.detokenizer import IncrementalDetokenizer, StopStringMatcher, utf8_decoder
+from megalodon_infer.tokenization.tokenizer import Tokenizer
+from tests.tokenizer.conftest import byte_id, random_text
 
 REPLACEMENT = "\ufffd"
 
@@ -87,6 +86,16 @@ def test_invalid_bytes_become_replacement_characters_like_decode(tokenizer: Toke
     assert stream(tokenizer, [tokenizer.bos_id], [byte_id(tokenizer, 0x80)])[0] == REPLACEMENT
 
 
+def test_a_surrogate_prefix_becomes_one_replacement_per_byte_like_decode(tokenizer: Tokenizer) -> None:
+    surrogate = [byte_id(tokenizer, b) for b in (0xED, 0xA0, 0x80)]
+    word = tokenizer.encode("ok", add_bos=False)
+    for num_bytes, tail in ((3, word), (2, word), (2, [])):
+        generated = surrogate[:num_bytes] + tail
+        text = tokenizer.decode([tokenizer.bos_id, *generated])
+        assert "".join(stream(tokenizer, [tokenizer.bos_id], generated)) == text
+        assert text.startswith(REPLACEMENT * num_bytes)
+
+
 def test_flush_releases_an_unfinished_character(tokenizer: Tokenizer) -> None:
     euro = [byte_id(tokenizer, b) for b in "€".encode()]
     detokenizer = IncrementalDetokenizer(tokenizer, [tokenizer.bos_id])
@@ -127,7 +136,9 @@ def test_held_tokens_stay_bounded(tokenizer: Tokenizer) -> None:
         (b"\xf0\x9f\x98", 3),
         (b"\xf0\x9f\x98\x80", 0),
         (b"\xe2\x82\xac", 0),
-        (b"\xed\xa0", 0),  # would be a surrogate: never valid
+        # NOTE: would be a surrogate, never valid; Python's decoder only rejects it at the third
+        # byte, so it is held one token longer (the text is the same: see the test below).
+        (b"\xed\xa0", 2),
         (b"\xc0", 0),  # overlong lead byte: never valid
         (b"\x80\x80", 0),
         (b"\xe0\x80", 0),  # overlong three-byte form
@@ -136,8 +147,10 @@ def test_held_tokens_stay_bounded(tokenizer: Tokenizer) -> None:
         (b"\xe2\xe2", 1),
     ],
 )
-def test_incomplete_utf8_tail(data: bytes, expected: int) -> None:
-    assert incomplete_utf8_tail(data) == expected
+def test_decoder_holds_exactly_the_bytes_that_can_still_become_a_character(data: bytes, expected: int) -> None:
+    decoder = utf8_decoder()
+    decoder.decode(data)
+    assert len(decoder.getstate()[0]) == expected
 
 
 # ---- StopStringMatcher ------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+"""Text <-> token ids: the SentencePiece tokenizer, chat templates, incremental detokenization and
+stop strings. Knows nothing of tensors, sampling or HTTP.
+"""
