@@ -6,9 +6,12 @@
 1. Engine, one conversation grown to 1,000,000 tokens: requests whose prompts extend the previous
    one (1K, 64K, 256K, 1M tokens) on one engine with default settings, so each prefills only what
    is new (the prefix cache resumes the rest); prefill tokens/s per 64K-token window, the request's
-   state bytes, the process's RSS, and decode ms/token at each context with its ratio to 1K.
+   state bytes, the process's RSS, and decode ms/token at each context against a 1K-token context
+   measured alongside (decode-only requests from the cached prompt-end states, alternating, so the
+   ratio holds however this shared machine's speed drifts over the run).
 2. HTTP, time between streamed tokens at 1K, 40K and 256K tokens of context, on a server started
-   with no flags (`megalodon-serve --host --port` only), prompts as token ids.
+   with no flags (`megalodon-serve --host --port` only), prompts as token ids: each prompt once,
+   then interleaved rounds of all three (whole-prompt cache hits, decode only), medians.
 3. HTTP, a long chat with default flags: turns of ~8K new tokens of real text, time to first token
    per turn; beside it the same chat on a LLaMA-style transformer of equal size (in process, its KV
    cache kept across turns, the best case for it) until its KV exceeds --kv-budget-gb.
@@ -59,40 +62,57 @@ def random_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- 1. engine to 1M
-def grow_conversation(stages: list[int], decode_tokens: int) -> dict:
+def run_request(engine: LLMEngine, request_id: str, prompt: list[int], decode_tokens: int,
+                windows: dict[int, list[float]] | None = None) -> tuple[list[float], int]:
+    """One request to its end: (seconds of each one-token decode step, cached tokens). Prefill steps
+    add (tokens, seconds) to `windows`, keyed by the WINDOW-token window they started in."""
+    engine.add_request(request_id, prompt, SamplingParams(temperature=0.8, seed=0, max_tokens=decode_tokens,
+                                                          ignore_eos=True))
+    request = engine.requests[request_id]
+    decode_steps, cached = [], 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - t0
+        stats = engine.last_stats
+        if stats.num_prompt_tokens and windows is not None:
+            start_pos = request.num_computed_tokens - stats.num_prompt_tokens
+            window = windows.setdefault(start_pos // WINDOW * WINDOW, [0, 0.0])
+            window[0] += stats.num_prompt_tokens
+            window[1] += seconds
+        elif stats.num_generation_tokens == 1:
+            decode_steps.append(seconds)
+        for out in outputs:
+            cached = out.num_cached_tokens
+    return decode_steps[4:] or decode_steps, cached
+
+
+def grow_conversation(stages: list[int], decode_tokens: int, rounds: int) -> dict:
+    """Part 1. Each stage's request extends the previous prompt (prefilling only what is new); then,
+    while its prompt-end state is fresh in the cache, `rounds` decode-only requests at this context
+    alternate with decode-only requests at the first stage's context (a 1K prompt, also a whole-prompt
+    hit), so each stage's ratio to 1K is measured side by side, whatever the machine's drift."""
     engine = LLMEngine.from_config(EngineConfig(max_num_seqs=2))
     cfg = engine.model.config
     tokens = random_ids(stages[-1], engine.tokenizer.vocab_size, seed=1)
+    short = random_ids(stages[0], engine.tokenizer.vocab_size, seed=3)
     windows: dict[int, list[float]] = {}  # window start -> [tokens, seconds]
     rows = []
     for n in stages:
-        engine.add_request(f"ctx{n}", tokens[:n], SamplingParams(temperature=0.8, seed=0, max_tokens=decode_tokens,
-                                                                 ignore_eos=True))
-        request = engine.requests[f"ctx{n}"]
-        decode_steps, cached = [], None
-        while engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            outputs = engine.step()
-            seconds = time.perf_counter() - t0
-            stats = engine.last_stats
-            if stats.num_prompt_tokens:
-                start_pos = request.num_computed_tokens - stats.num_prompt_tokens
-                window = windows.setdefault(start_pos // WINDOW * WINDOW, [0, 0.0])
-                window[0] += stats.num_prompt_tokens
-                window[1] += seconds
-            elif stats.num_generation_tokens == 1:
-                decode_steps.append(seconds)
-            for out in outputs:
-                cached = out.num_cached_tokens
-        decode = statistics.median(decode_steps[4:] or decode_steps)
+        _, cached = run_request(engine, f"ctx{n}", tokens[:n], decode_tokens, windows)
+        long_steps, short_steps = [], []
+        for r in range(rounds):
+            for which in (("long", "short") if r % 2 == 0 else ("short", "long")):
+                prompt, steps = (tokens[:n], long_steps) if which == "long" else (short, short_steps)
+                steps += run_request(engine, f"ctx{n}-{which}{r}", prompt, decode_tokens)[0]
+        decode, alongside = statistics.median(long_steps), statistics.median(short_steps)
         fill = n % cfg.chunk_size
         rows.append({"context": n, "cached_tokens": cached, "decode_ms": decode * 1e3,
+                     "decode_1k_ms": alongside * 1e3, "vs_1k": decode / alongside,
                      "state_bytes": request_state_bytes(cfg, engine.model.dtype, engine.model.stat_dtype, num_kv=fill),
                      "rss_bytes": rss_bytes(), "prefix_cache_bytes": engine.prefix_cache.stored_bytes()})
-        print(f"  engine: context {n:,}: decode {decode * 1e3:.2f} ms/token, cached {cached:,}", flush=True)
-    base = rows[0]["decode_ms"]
-    for row in rows:
-        row["vs_1k"] = row["decode_ms"] / base
+        print(f"  engine: context {n:,}: decode {decode * 1e3:.2f} ms/token (1K alongside {alongside * 1e3:.2f}), "
+              f"cached {cached:,}", flush=True)
     prefill = [{"window_start": start, "tokens": t, "tokens_per_s": t / s} for start, (t, s) in sorted(windows.items())]
     return {"stages": rows, "prefill_windows": prefill}
 
@@ -119,15 +139,23 @@ def stream_completion(url: str, prompt, max_tokens: int, timeout: float = 3600) 
             "cached_tokens": details.get("cached_tokens", 0)}
 
 
-def http_itl(contexts: list[int], out_dir: Path) -> list[dict]:
+def http_itl(contexts: list[int], out_dir: Path, rounds: int) -> list[dict]:
+    """Part 2. Each context's prompt is sent once (prefilled, its end state cached), then `rounds`
+    rounds stream every context again in turn (whole-prompt hits: decode only); medians per context."""
     with Server([], out_dir / "long_context_server_itl.log") as server:
         vocab = httpx.get(server.url + "/tokenizer_info").json()["vocab_size"]
         tokens = random_ids(contexts[-1], vocab, seed=2)
-        rows = []
-        for n in contexts:
-            result = stream_completion(server.url, tokens[:n], max_tokens=128)
-            rows.append({"context": n, **result})
-            print(f"  http: context {n:,}: {result['ms_per_token']:.2f} ms between tokens", flush=True)
+        first = {n: stream_completion(server.url, tokens[:n], max_tokens=8) for n in contexts}
+        samples: dict[int, list[dict]] = {n: [] for n in contexts}
+        for r in range(rounds):
+            for n in (contexts if r % 2 == 0 else contexts[::-1]):
+                samples[n].append(stream_completion(server.url, tokens[:n], max_tokens=128))
+    rows = []
+    for n in contexts:
+        itl = statistics.median(s["ms_per_token"] for s in samples[n])
+        rows.append({"context": n, "ms_per_token": itl, "first_ttft_s": first[n]["ttft_s"],
+                     "cached_tokens": min(s["cached_tokens"] for s in samples[n])})
+        print(f"  http: context {n:,}: {itl:.2f} ms between tokens", flush=True)
     for row in rows:
         row["vs_1k"] = row["ms_per_token"] / rows[0]["ms_per_token"]
     return rows
@@ -275,35 +303,44 @@ def busy_neighbour(decode_tokens: int, prompt_tokens: int, out_dir: Path, repeat
 
 # ------------------------------------------------------------------------------------ report
 def render(results: dict) -> str:
-    out = ["### 1. One conversation to 1M tokens (engine, default settings)", "",
-           "| context | cached tokens | decode ms/token | vs 1K | state bytes | process RSS | prefix cache bytes |",
-           "|---|---|---|---|---|---|---|"]
-    for r in results["engine"]["stages"]:
-        out.append(f"| {r['context']:,} | {r['cached_tokens']:,} | {r['decode_ms']:.2f} | {r['vs_1k']:.3f}x "
-                   f"| {r['state_bytes']:,} | {r['rss_bytes'] / 2**20:,.0f} MiB "
-                   f"| {r['prefix_cache_bytes'] / 2**20:,.0f} MiB |")
-    out += ["", "| prefill window (tokens) | tokens/s |", "|---|---|"]
-    out += [f"| {w['window_start']:,} - {w['window_start'] + WINDOW:,} | {w['tokens_per_s']:,.0f} |"
-            for w in results["engine"]["prefill_windows"]]
-    out += ["", "### 2. Time between streamed tokens over HTTP (server started with no flags)", "",
-            "| context | ms between tokens | vs 1K | cached tokens |", "|---|---|---|---|"]
-    out += [f"| {r['context']:,} | {r['ms_per_token']:.2f} | {r['vs_1k']:.3f}x | {r['cached_tokens']:,} |"
-            for r in results["http_itl"]]
-    out += ["", "### 3. A long chat over HTTP (default flags) vs an equal-size transformer", "",
-            "| turn | context tokens | Megalodon TTFT | cached tokens | transformer TTFT | transformer KV |",
-            "|---|---|---|---|---|---|"]
-    for r in results["chat"]:
-        base = f"{r['baseline_ttft_s']:.2f} s" if r["baseline_ttft_s"] is not None else "exceeds its KV budget"
-        out.append(f"| {r['turn']} | {r['context_tokens']:,} | {r['ttft_s']:.2f} s | {r['cached_tokens']:,} | {base} "
-                   f"| {r['baseline_kv_bytes'] / 2**20:,.0f} MiB |")
-    out += ["", "### 4. A busy neighbour (one CPU-bound process beside the server)", "",
-            "| threads | count | decode tok/s idle | busy | slowdown | 2K-token TTFT idle | busy | slowdown |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in results["threads"]:
-        out.append(f"| {r['variant']} | {r['threads']} | {r['idle_tokens_per_s']:.1f} | {r['busy_tokens_per_s']:.1f} "
-                   f"| {r['decode_slowdown']:.2f}x | {r['idle_prefill_s']:.2f} s | {r['busy_prefill_s']:.2f} s "
-                   f"| {r['prefill_slowdown']:.2f}x |")
-    return "\n".join(out)
+    """The tables of the parts in `results` (a part not run yet is left out)."""
+    out: list[str] = []
+    if "engine" in results:
+        out += ["### 1. One conversation to 1M tokens (engine, default settings)", "",
+                "| context | cached tokens | decode ms/token | 1K alongside | vs 1K | state bytes | process RSS "
+                "| prefix cache bytes |", "|---|---|---|---|---|---|---|---|"]
+        for r in results["engine"]["stages"]:
+            out.append(f"| {r['context']:,} | {r['cached_tokens']:,} | {r['decode_ms']:.2f} | {r['decode_1k_ms']:.2f} "
+                       f"| {r['vs_1k']:.3f}x | {r['state_bytes']:,} | {r['rss_bytes'] / 2**20:,.0f} MiB "
+                       f"| {r['prefix_cache_bytes'] / 2**20:,.0f} MiB |")
+        out += ["", "| prefill window (tokens) | tokens/s |", "|---|---|"]
+        out += [f"| {w['window_start']:,} - {w['window_start'] + WINDOW:,} | {w['tokens_per_s']:,.0f} |"
+                for w in results["engine"]["prefill_windows"]]
+        out.append("")
+    if "http_itl" in results:
+        out += ["### 2. Time between streamed tokens over HTTP (server started with no flags)", "",
+                "| context | ms between tokens | vs 1K | cached tokens |", "|---|---|---|---|"]
+        out += [f"| {r['context']:,} | {r['ms_per_token']:.2f} | {r['vs_1k']:.3f}x | {r['cached_tokens']:,} |"
+                for r in results["http_itl"]]
+        out.append("")
+    if "chat" in results:
+        out += ["### 3. A long chat over HTTP (default flags) vs an equal-size transformer", "",
+                "| turn | context tokens | Megalodon TTFT | cached tokens | transformer TTFT | transformer KV |",
+                "|---|---|---|---|---|---|"]
+        for r in results["chat"]:
+            base = f"{r['baseline_ttft_s']:.2f} s" if r["baseline_ttft_s"] is not None else "exceeds its KV budget"
+            out.append(f"| {r['turn']} | {r['context_tokens']:,} | {r['ttft_s']:.2f} s | {r['cached_tokens']:,} "
+                       f"| {base} | {r['baseline_kv_bytes'] / 2**20:,.0f} MiB |")
+        out.append("")
+    if "threads" in results:
+        out += ["### 4. A busy neighbour (one CPU-bound process beside the server)", "",
+                "| threads | count | decode tok/s idle | busy | slowdown | 2K-token TTFT idle | busy | slowdown |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in results["threads"]:
+            out.append(f"| {r['variant']} | {r['threads']} | {r['idle_tokens_per_s']:.1f} "
+                       f"| {r['busy_tokens_per_s']:.1f} | {r['decode_slowdown']:.2f}x | {r['idle_prefill_s']:.2f} s "
+                       f"| {r['busy_prefill_s']:.2f} s | {r['prefill_slowdown']:.2f}x |")
+    return "\n".join(out).rstrip()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -343,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="which parts to run; the others are read back from --out's long_context.json")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of part 4 (medians reported)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved decode rounds of parts 1 and 2")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -354,8 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"demo model, {usable_cpus()} usable CPUs, torch {torch.__version__}", flush=True)
     saved = args.out / "long_context.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
-    runs = {1: ("engine", lambda: grow_conversation(stages, decode_tokens=64)),
-            2: ("http_itl", lambda: http_itl(itl_contexts, args.out)),
+    runs = {1: ("engine", lambda: grow_conversation(stages, decode_tokens=64, rounds=args.rounds)),
+            2: ("http_itl", lambda: http_itl(itl_contexts, args.out, rounds=args.rounds)),
             3: ("chat", lambda: long_chat(turn_tokens, turns, args.kv_budget_gb, args.out)),
             4: ("threads", lambda: busy_neighbour(decode, prefill, args.out, args.repeats))}
     for part in args.parts:
@@ -365,8 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     (args.out / "long_context.json").write_text(json.dumps(results, indent=1))
     (args.out / "long_context.md").write_text(table + "\n")
-    plot(results, args.out / "long_context.png")
-    print(f"wrote {args.out / 'long_context.png'}")
+    if all(key in results for key in ("engine", "http_itl", "chat")):
+        plot(results, args.out / "long_context.png")
+        print(f"wrote {args.out / 'long_context.png'}")
 
 
 if __name__ == "__main__":

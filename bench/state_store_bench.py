@@ -39,7 +39,8 @@ def demo_state() -> SlotSnapshot:
 
 
 def synthetic_state(nbytes: int) -> SlotSnapshot:
-    floats = nbytes // 4 // 3
+    """A state of `nbytes` bytes: CEMA (complex64) and keys take `floats` / 2 entries, values `floats`."""
+    floats = (nbytes - 2 * 8 * 64 * 4) // 10  # 8 * floats/2 + 4 * floats/2 + 4 * floats = 10 * floats, + norm stats
     return SlotSnapshot(position=1000, norm_mean=torch.randn(8, 64), norm_var=torch.rand(8, 64),
                         cema_h=torch.randn(floats // 2, dtype=torch.complex64), keys=torch.randn(floats // 2),
                         values=torch.randn(floats))
