@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         model, name = random_model(QUICK, seed=0, randomize_all=False), "tiny random model"
         chunks, repeats = [1, 4], 1
     else:
-        from tools.demo_scoring import demo_model_dir
+        from megalodon_infer.config import DEMO_MODEL_DIR
 
-        path = args.model or demo_model_dir()
+        path = args.model or DEMO_MODEL_DIR
         model, name = load_model(path), str(path)
         chunks, repeats = args.chunks, args.repeats
     print(f"{name}: chunk_size {model.config.chunk_size}, {model.num_parameters() / 1e6:.1f}M params, "

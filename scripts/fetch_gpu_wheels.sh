@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # What the repo imports on the GPU machine and its image lacks; their requirements are found below.
-ROOTS=(pydantic pydantic-settings fastapi uvicorn openai dockerfile-parse)
+ROOTS=(pydantic pydantic-settings fastapi uvicorn openai dockerfile-parse llguidance)
 # The GPU image's packages (KINDS.md, "Python packages already there", 2026-11-17).
 PREINSTALLED="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
