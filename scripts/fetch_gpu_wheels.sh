@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on this (dev) machine, the Python wheels scripts/gpu_check.sh needs on the GPU machine, where
 # no package registry can be reached (Python 3.12 there). The roots are what the repo imports there and the
-# GPU image lacks: the server's stack (pydantic, pydantic-settings, fastapi, uvicorn), the official openai
+# GPU image lacks: the server's stack (pydantic, pydantic-settings, fastapi, uvicorn + httptools, llguidance), the official openai
 # client that the end-to-end test drives, and dockerfile-parse (tests/deploy imports it when pytest collects).
 # Their requirements are followed through this environment's installed metadata (markers evaluated for
 # CPython 3.12 on Linux, no extras), and each package needed is taken at the version installed here (the
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # What the repo imports on the GPU machine and its image lacks; their requirements are found below.
-ROOTS=(pydantic pydantic-settings fastapi uvicorn openai dockerfile-parse llguidance)
+ROOTS=(pydantic pydantic-settings fastapi uvicorn httptools openai dockerfile-parse llguidance)
 # The GPU image's packages (KINDS.md, "Python packages already there", 2026-11-17).
 PREINSTALLED="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
@@ -106,7 +106,11 @@ for folder, specs in ((".whl", sys.argv[1:split]), (".whl/fallback", sys.argv[sp
 PYTHON
 
 platforms=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+# NOTE: glibc there is not on record; its Python 3.12.3 is Ubuntu 24.04's (glibc 2.39), so wheels up to
+# manylinux_2_39 are taken (llguidance ships only manylinux_2_31). gpu_check.sh's setup stage fails loudly
+# if pip there refuses one.
+for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 \
+         manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$p")
 done
 download() {  # FOLDER SPEC...

@@ -63,7 +63,9 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
   local pip=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check)
   if [[ $DRY == 1 ]]; then
     # the same set, installed for CPython 3.12 into a scratch folder: one version of each, tags that fit
-    local tags=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64
+    # (the platform tags scripts/fetch_gpu_wheels.sh downloads for: up to manylinux_2_39)
+    local tags=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_39_x86_64
+                --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64
                 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
     "${pip[@]}" "${tags[@]}" --target "$WORK/site312" .whl/*.whl .whl/fallback/*.whl || return 1
     echo "ok: $(ls .whl/*.whl .whl/fallback/*.whl | wc -l) wheels install for CPython 3.12 ($WORK/site312)"
@@ -134,7 +136,7 @@ allowed = {canonicalize_name(n) for n in Path(".whl/gpu_machine_packages.txt").r
 allowed |= {canonicalize_name(parse_wheel_filename(w.name)[0]) for w in Path(".whl").rglob("*.whl")}
 # NOTE: the fallbacks count as there: the image has each of them, at some version
 allowed.add("megalodon-infer")  # this repo
-# pytest plugins stay importable (pytest inspects their modules): run_tests passes -p no:asyncio
+# pytest plugins stay importable (pytest inspects their modules): run_tests disables those the GPU image lacks
 allowed |= {canonicalize_name(d.metadata["Name"]) for d in distributions() if d.entry_points.select(group="pytest11")}
 blocked = sorted(module for module, dists in packages_distributions().items()
                  if module.isidentifier() and not any(canonicalize_name(d) in allowed for d in dists)
@@ -180,8 +182,9 @@ PYTHON
 }
 
 run_tests() {
-  # -p no:asyncio: pytest-asyncio is not on the GPU machine (no GPU test is async)
-  local common=(-q -rfEs -p no:cacheprovider -p no:asyncio --continue-on-collection-errors)
+  # -p no:asyncio, no:schemathesis: plugins the GPU machine does not have (no GPU test needs them; the dry
+  # run's import guard would break schemathesis's imports)
+  local common=(-q -rfEs -p no:cacheprovider -p no:asyncio -p no:schemathesis --continue-on-collection-errors)
   # Modules without a GPU test whose imports the GPU machine lacks (Ray, schemathesis, jsonschema: test
   # dependencies too large or too many to carry) are left out of collection; CI runs them.
   local no_gpu_tests=(tests/cluster tests/deploy/test_kuberay.py tests/server/test_openapi_fuzz.py
