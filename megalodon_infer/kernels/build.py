@@ -8,15 +8,24 @@ same schemas and therefore always loads after it.
 Build cache: `$TORCH_EXTENSIONS_DIR` if set, else `~/.cache/megalodon_infer/extensions`, one folder per
 (extension, torch version, Python version). A warm cache loads in well under a second; torch rebuilds
 when a source file changes.
+
+Processes sharing a cache take turns through an `flock` on the folder, which the kernel releases when
+its holder exits, however it exits. torch's own guard is a `lock` file that a builder removes when it
+finishes: one killed mid-build (a server stopped while it compiled) leaves it behind, and every later
+process would wait for it forever. Under the flock no one else is building, so such a file is stale
+and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,6 +71,21 @@ _lock = threading.Lock()
 _loaded: dict[str, float] = {}  # extension name -> seconds the load (and any build) took
 
 
+@contextlib.contextmanager
+def _build_turn(build_dir: Path) -> Iterator[None]:
+    """This process's turn at `build_dir` among processes sharing it; clears a dead builder's lock file."""
+    with open(build_dir / ".megalodon_build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while a live process builds; released if it dies
+        try:
+            stale = build_dir / "lock"  # torch's FileBaton
+            if stale.exists():
+                logger.warning("removing %s, left by a build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load(name: str, sources: tuple[str, ...], extra_include_paths_more: list[str] | None = None,
           **kwargs: object) -> float:
     """Compile (if stale) and load one extension once per process; returns the seconds it took."""
@@ -75,15 +99,16 @@ def _load(name: str, sources: tuple[str, ...], extra_include_paths_more: list[st
         logger.info("loading %s from %s (compiled on first use, cached in %s)", name, root, build_dir)
         start = time.perf_counter()
         try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(root / s) for s in sources],
-                extra_include_paths=[str(root), *(extra_include_paths_more or [])],
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=os.environ.get("MEGALODON_KERNELS_VERBOSE") == "1",
-                **kwargs,
-            )
+            with _build_turn(build_dir):
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(root / s) for s in sources],
+                    extra_include_paths=[str(root), *(extra_include_paths_more or [])],
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=os.environ.get("MEGALODON_KERNELS_VERBOSE") == "1",
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - compiler, linker and loader errors all mean "no extension"
             raise ExtensionBuildError(f"building/loading {name} from {root} failed: {exc}") from exc
         _loaded[name] = time.perf_counter() - start
