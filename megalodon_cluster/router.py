@@ -2,8 +2,9 @@
 
 Plugs into `ray.serve.request_router.RequestRouter` (Ray Serve's public router API). A request the
 front tagged with a conversation key (`DeploymentHandle.options(session_id=...)`) is offered to the
-replicas in the order `routing.bounded_choice` gives for that key: its ring owner unless the
-owner is over the load bound, then the next ones clockwise, each tried in turn by Serve's routing
+replicas in the order `routing.bounded_choice` gives for that key: the replica its last request went
+to (which holds its state), else its ring owner, unless that one is over the load bound, then the
+next ones clockwise, each tried in turn by Serve's routing
 loop (which also skips replicas whose queues are full). A request without a key is offered to every
 replica at once (shuffled), and Serve's loop picks the one with the fewest requests in flight. Loads are the
 router's queue-length cache: bumped on every send, lowered on every completion, refreshed by Serve's
@@ -14,9 +15,16 @@ from __future__ import annotations
 
 import random
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from megalodon_cluster.routing import DEFAULT_BALANCE, DEFAULT_VIRTUAL_NODES, HashRing, bounded_choice
+from megalodon_cluster.routing import (
+    DEFAULT_BALANCE,
+    DEFAULT_VIRTUAL_NODES,
+    HashRing,
+    Placements,
+    affine_order,
+    bounded_choice,
+)
 
 
 class SessionAffineRouter(RequestRouter):
@@ -27,6 +35,7 @@ class SessionAffineRouter(RequestRouter):
         self._balance = DEFAULT_BALANCE
         self._virtual_nodes = DEFAULT_VIRTUAL_NODES
         self._ring = HashRing(())
+        self._placements = Placements()
         super().__init__(*args, **kwargs)
 
     def initialize_state(self, balance: float = DEFAULT_BALANCE, virtual_nodes: int = DEFAULT_VIRTUAL_NODES,
@@ -61,8 +70,14 @@ class SessionAffineRouter(RequestRouter):
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         order = [member for member in self._ring.order(key) if member in by_id]
         order += [member for member in by_id if member not in order]  # not on the ring yet
+        order = affine_order(order, self._placements.holder(key))
         loads = {member: self._load(by_id[member].replica_id) for member in order}
         return [[by_id[member]] for member in bounded_choice(order, loads, self._balance)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
+        key = pending_request.metadata.session_id
+        if key:
+            self._placements.record(key, replica_id.unique_id)
 
     def _load(self, replica_id: ReplicaID) -> int:
         return self.replica_queue_len_cache.get(replica_id) or 0

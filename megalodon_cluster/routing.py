@@ -6,7 +6,8 @@ the tests drive it directly. A conversation's key is the `X-Session-Id` header, 
 started under when this front saw that response). Keys are placed on a hash ring of virtual
 nodes; a key goes to the first replica clockwise whose load is under the bound
 ceil(balance * (total + 1) / replicas) (Mirrokni, Thorup and Zadimoghaddam's bounded loads), so a
-hot session overflows to the next replica instead of starving its own.
+hot session overflows to the next replica instead of starving its own. A key that overflowed keeps
+going where its last request went (`Placements`): that replica holds its state.
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ class ResponseKeys:
         self._keys.move_to_end(response_id)
         while len(self._keys) > self.capacity:
             self._keys.popitem(last=False)
+
+
+class Placements:
+    """Conversation key -> the replica that served its last request (the one holding its state), for the
+    last `capacity` conversations. A turn the load bound sent away from its ring owner leaves its state
+    on that other replica; the next turn should follow the state, not the ring."""
+
+    def __init__(self, capacity: int = MAX_REMEMBERED_RESPONSES) -> None:
+        self.capacity = capacity
+        self._holders: OrderedDict[str, str] = OrderedDict()
+
+    def holder(self, key: str) -> str | None:
+        return self._holders.get(key)
+
+    def record(self, key: str, member: str) -> None:
+        self._holders[key] = member
+        self._holders.move_to_end(key)
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
+
+
+def affine_order(ring_order: Sequence[str], holder: str | None) -> list[str]:
+    """`ring_order` with the replica holding the conversation's state (if it is still a member) first."""
+    if holder is None or holder not in ring_order:
+        return list(ring_order)
+    return [holder, *(member for member in ring_order if member != holder)]
 
 
 class HashRing:

@@ -1,4 +1,4 @@
-"""Routing policy without Ray: conversation keys, the hash ring and its load bound."""
+"""Routing policy without Ray: conversation keys, the hash ring, its load bound, and following a state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from megalodon_cluster.routing import HashRing, ResponseKeys, bounded_choice, routing_key
+from megalodon_cluster.routing import HashRing, Placements, ResponseKeys, affine_order, bounded_choice, routing_key
 
 
 def body(**fields) -> bytes:
@@ -71,3 +71,28 @@ def test_one_hot_session_cannot_take_more_than_its_bound(balance):
     for sent in range(1, 101):
         loads[bounded_choice(ring.order("hot"), loads, balance)[0]] += 1
         assert max(loads.values()) <= math.ceil(balance * sent / len(loads))
+
+
+def test_a_turn_that_overflowed_is_followed_by_the_next_one():
+    """Turn 1 went to a non-owner (its owner was over the bound): turn 2 goes where the state is."""
+    ring = HashRing(["a", "b", "c"])
+    placements = Placements()
+    order = ring.order("chat-9")
+    owner, other = order[0], order[1]
+    busy = {owner: 5, other: 0, order[2]: 0}
+    first = bounded_choice(affine_order(order, placements.holder("chat-9")), busy)[0]
+    assert first != owner
+    placements.record("chat-9", first)
+    idle = dict.fromkeys(order, 0)
+    assert bounded_choice(affine_order(order, placements.holder("chat-9")), idle)[0] == first
+    # the holder itself over the bound: the bound still wins, the ring order follows
+    assert bounded_choice(affine_order(order, first), {**idle, first: 5})[0] == owner
+
+
+def test_placements_forget_the_oldest_and_ignore_a_holder_that_left():
+    placements = Placements(capacity=2)
+    for key, member in (("k1", "a"), ("k2", "b"), ("k3", "c")):
+        placements.record(key, member)
+    assert placements.holder("k1") is None and placements.holder("k3") == "c"
+    assert affine_order(["a", "b"], "c") == ["a", "b"]  # c left the ring
+    assert affine_order(["a", "b", "c"], "c") == ["c", "a", "b"]
