@@ -31,6 +31,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,6 +310,14 @@ def plot_engine(rows: list[EngineRow], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(stem: Path, rows: list, table: str, plot_rows: Callable[[list, Path], None]) -> None:
+    """Print the table; write it (.md), the rows (.json) and the plot (.png) beside `stem`."""
+    print(table)
+    stem.with_suffix(".json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    stem.with_suffix(".md").write_text(table + "\n")
+    plot_rows(rows, stem.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and contexts (smoke test)")
@@ -343,11 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_rows += rows
         for row in rows:
             print(f"  engine step: batch {batch} context {row.context:,} {row.ms_per_step:.2f} ms", flush=True)
-    engine_table = render_engine_table(engine_rows)
-    print(engine_table)
-    (args.out / "engine_step_bench.json").write_text(json.dumps([r.__dict__ for r in engine_rows], indent=1))
-    (args.out / "engine_step_bench.md").write_text(engine_table + "\n")
-    plot_engine(engine_rows, args.out / "engine_step_bench.png")
+    save(args.out / "engine_step_bench", engine_rows, render_engine_table(engine_rows), plot_engine)
     if args.skip_baseline:
         return
 
@@ -360,11 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(bench_megalodon(mega, batch, ctx, warmup, iters))
             rows.append(bench_baseline(base, batch, ctx, warmup, iters, args.kv_budget_gb * 2**30))
             print(f"  done batch {batch} context {ctx}", flush=True)
-    table = render_table(rows)
-    print(table)
-    (args.out / "engine_bench.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-    (args.out / "engine_bench.md").write_text(table + "\n")
-    plot(rows, args.out / "engine_bench.png")
+    save(args.out / "engine_bench", rows, render_table(rows), plot)
     print(f"wrote {args.out / 'engine_step_bench.png'} and {args.out / 'engine_bench.png'}")
 
 
