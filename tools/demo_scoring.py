@@ -9,6 +9,7 @@ here knows about requests or tokenizers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import Tensor
 from megalodon_infer.config import DEMO_MODEL_DIR
 from megalodon_infer.model.megalodon import Megalodon
 from megalodon_infer.model.state import MegalodonState
+
+EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "demo_heldout.jsonl"
 
 # Called at every chunk boundary with (model, state); may alter the state (deliberately broken
 # decodes in the tests) or return it unchanged.
@@ -80,8 +83,15 @@ def context_nll(model: Megalodon, docs: Sequence[Sequence[int]], target_chunk: i
     return _target_nll(logits[:, -C:], batch[:, -C:])
 
 
-def unigram_nll(counts: Sequence[int], targets: Sequence[int]) -> Tensor:
-    """NLL [T] of `targets` under an add-one-smoothed unigram model with the given token counts."""
-    c = torch.as_tensor(list(counts), dtype=torch.float64) + 1.0
-    log_p = c.log() - c.sum().log()
-    return -log_p[torch.as_tensor(list(targets), dtype=torch.int64)]
+def load_eval_texts(path: Path = EVAL_TEXT) -> list[str]:
+    """The evaluation files' text (pip, setuptools, wheel: never trained on), in a fixed order."""
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def own_unigram_nll(targets: Sequence[int]) -> Tensor:
+    """NLL [T] of `targets` under the unigram model fitted to those very targets (their token
+    frequencies). Its perplexity is exp(entropy of the text's token distribution): the best any
+    context-free predictor can do on this text, so a model must use context to go below it."""
+    ids = torch.as_tensor(list(targets), dtype=torch.int64)
+    counts = torch.bincount(ids).double()
+    return -(counts[ids].log() - counts.sum().log())
