@@ -11,7 +11,7 @@ wheel kept out for evaluation). Everything is seeded and runs on a laptop CPU. I
 
 and saves the model every `save_every` steps, so an interrupted run is still usable.
 
-    python scripts/train_demo.py                   # the committed model (~40 min on 2 cores)
+    python scripts/train_demo.py                   # the committed model (23 min on 2 cores)
     python scripts/train_demo.py --steps 20 --out /tmp/demo --data-out /tmp/demo-data   # smoke test
 """
 
