@@ -31,7 +31,10 @@ def write_hf_tokenizer(model_dir: Path) -> Path:
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        converted = LlamaTokenizer.from_pretrained(str(model_dir), legacy=False)
+        # BOS/EOS given here, not read from the directory: a fresh one has no tokenizer_config.json
+        # yet, and the converted post-processor must add <s> as the server does.
+        converted = LlamaTokenizer.from_pretrained(str(model_dir), legacy=False, add_bos_token=True,
+                                                   add_eos_token=False)
         converted.save_pretrained(tmp)
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
     spec["normalizer"] = {"type": "Sequence", "normalizers": [

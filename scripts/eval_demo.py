@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from megalodon_infer import LLM, SamplingParams, load_model  # noqa: E402
 from megalodon_infer.model.megalodon import Megalodon  # noqa: E402
 from megalodon_infer.tokenization.tokenizer import Tokenizer  # noqa: E402
 from tools.demo_scoring import (  # noqa: E402
+    committed_demo_file,
     context_nll,
     demo_model_dir,
     load_eval_texts,
@@ -62,9 +62,7 @@ def baseline_dir(rev: str, dest: Path) -> Path:
     """The demo model as committed at `rev`, copied out of git history into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
-        blob = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:megalodon_infer/demo_model/{name}"],
-                              check=True, capture_output=True).stdout
-        (dest / name).write_bytes(blob)
+        (dest / name).write_bytes(committed_demo_file(rev, name))
     return dest
 
 

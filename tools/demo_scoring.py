@@ -10,6 +10,7 @@ here knows about requests or tokenizers.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from megalodon_infer.config import DEMO_MODEL_DIR
 from megalodon_infer.model.megalodon import Megalodon
 from megalodon_infer.model.state import MegalodonState
 
-EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "demo_heldout.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+EVAL_TEXT = REPO / "tests" / "data" / "demo_heldout.jsonl"
 
 # Called at every chunk boundary with (model, state); may alter the state (deliberately broken
 # decodes in the tests) or return it unchanged.
@@ -33,6 +35,12 @@ def demo_model_dir() -> Path:
         raise FileNotFoundError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; "
                                 "run scripts/train_demo.py to create it")
     return DEMO_MODEL_DIR
+
+
+def committed_demo_file(rev: str, name: str) -> bytes:
+    """The bytes of demo_model/`name` as committed at git revision `rev` (an earlier demo model)."""
+    return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:megalodon_infer/demo_model/{name}"],
+                          check=True, capture_output=True).stdout
 
 
 def _target_nll(logits: Tensor, targets: Tensor) -> Tensor:

@@ -89,6 +89,9 @@ def cema_step(x: Tensor, h: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
     return y, h
 
 
+# Inductor has no complex codegen and, on torch 2.13, turns this function's training loss into NaN
+# from the first step; under torch.compile it runs eager (a graph break) and the rest compiles.
+@torch.compiler.disable
 def cema_parallel(x: Tensor, h0: Tensor, c: CemaCoeffs) -> tuple[Tensor, Tensor]:
     """CEMA over a segment from an incoming state, in the official parallel form.
 
