@@ -122,10 +122,13 @@ def token_ids(choice) -> list[int]:
 def test_a_grammar_admitting_every_token_gives_the_unconstrained_tokens(client: openai.OpenAI) -> None:
     kwargs = dict(model=MODEL_NAME, prompt="def parse(text):\n", max_tokens=24, temperature=0.8, seed=8, n=2,
                   logprobs=1)
-    free = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    # No ignore_eos: a sampled EOS completes the grammar (the request stops, as it must once the
+    # grammar is done) while an unconstrained ignore_eos request would go on past it.
+    free = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True})
     constrained = client.completions.create(**kwargs, extra_body={
-        "return_tokens_as_token_ids": True, "ignore_eos": True, "structured_outputs": {"grammar": "start: <[*]>*"}})
+        "return_tokens_as_token_ids": True, "structured_outputs": {"grammar": "start: <[*]>*"}})
     assert [token_ids(c) for c in constrained.choices] == [token_ids(c) for c in free.choices]
+    assert [c.finish_reason for c in constrained.choices] == [c.finish_reason for c in free.choices]
     assert [c.logprobs.token_logprobs for c in constrained.choices] == [c.logprobs.token_logprobs
                                                                       for c in free.choices]
 
