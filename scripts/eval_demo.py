@@ -1,6 +1,6 @@
 """Measure the bundled demo model against the model it replaced; print the README's markdown tables.
 
-    python scripts/eval_demo.py                      # the README's numbers (both models; ~20 min on 2 cores)
+    python scripts/eval_demo.py                      # the README's numbers (both models; ~16 min on 2 cores)
     python scripts/eval_demo.py --model path/to/model --baseline-rev e9bdf43 --max-doc-tokens 1024
 
 The evaluation text is pip, setuptools and wheel (tests/data/demo_heldout.jsonl, written by

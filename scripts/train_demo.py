@@ -11,7 +11,7 @@ wheel kept out for evaluation). Everything is seeded and runs on a laptop CPU. I
 
 and saves the model every `save_every` steps, so an interrupted run is still usable.
 
-    python scripts/train_demo.py                   # the committed model (~55 min on 2 cores)
+    python scripts/train_demo.py                   # the committed model (~46 min on 2 cores)
     python scripts/train_demo.py --steps 20 --out /tmp/demo --data-out /tmp/demo-data   # smoke test
 """
 
@@ -59,7 +59,7 @@ class Recipe:
     # would see a quarter of the tokens in the same time.
     init_from_rev: str | None = "87cf7af"
     # A seeded sample of the training files of about this much text is encoded: all of them here
-    # (76 MB); the steps read batch_size * seq_len * steps ~ 5M tokens of its ~23M.
+    # (76 MB); the steps read batch_size * seq_len * steps ~ 5M tokens of its 25.7M.
     train_text_bytes: int = 100_000_000
     # Tokenizer (from scratch only): LLaMA-style SentencePiece BPE that round-trips code exactly.
     vocab_size: int = 4096
