@@ -22,7 +22,9 @@ import dataclasses
 import io
 import json
 import math
+import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from pathlib import Path
 import safetensors.torch
 import sentencepiece as spm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
@@ -55,11 +59,14 @@ class Recipe:
     # Warm start: the weights and tokenizer of the demo model committed at this git revision,
     # continued here. None trains from scratch with a new tokenizer. The chain, each link's recipe in
     # its config.json: v1 (e9bdf43) 1500 steps on the stdlib only; v2 (87cf7af) 500 steps on this
-    # corpus; this model, 1200 more. On 2 cores (~1,700 tokens/s compiled) a from-scratch model
-    # would see a quarter of the tokens in the same time.
-    init_from_rev: str | None = "87cf7af"
+    # corpus; v3 (77d68d4) 1200 more; this model, 2000 more. On 2 cores (~2,250 tokens/s compiled,
+    # two workers) a from-scratch model would see under half of the chain's 21M tokens in this time.
+    init_from_rev: str | None = "77d68d4"
+    # The training windows are read in one seeded order; a continuation starts past the ones the
+    # previous link read in that same order (v3: 1200 steps x 4), so it only sees new text.
+    skip_windows: int = 4800
     # A seeded sample of the training files of about this much text is encoded: all of them here
-    # (76 MB); the steps read batch_size * seq_len * steps ~ 5M tokens of its 25.7M.
+    # (76 MB); the steps read batch_size * seq_len * steps ~ 8M tokens of its 25.7M.
     train_text_bytes: int = 100_000_000
     # Tokenizer (from scratch only): LLaMA-style SentencePiece BPE that round-trips code exactly.
     vocab_size: int = 4096
@@ -76,12 +83,17 @@ class Recipe:
     chunk_size: int = 64
     norm_num_groups: int = 16
     seq_len: int = 1024
-    # Optimiser: AdamW, linear warmup then cosine decay to min_lr, gradient clipping.
+    # Optimiser: AdamW, linear warmup then cosine decay to min_lr, gradient clipping. The learning rate
+    # is the one that measured best in pilot continuations of the previous model (held-out loss
+    # after 300 steps, warmup 30, min_lr = lr / 10: 3.277 at 3e-4, 3.293 at 1e-3; after 80 steps,
+    # warmup 20, min_lr 1e-4 (3e-5 at 3e-4): 3.285 at 3e-4, 3.335 at 7.5e-4, 3.395 at 1.5e-3, 3.528
+    # at 3e-3; the previous model: 3.286). A pilot: `--steps 300 --set warmup_steps=30 --set lr=1e-3
+    # --set min_lr=1e-4 --out /tmp/pilot --data-out /tmp/pilot-data` (~15 min).
     batch_size: int = 4
-    steps: int = 1200
-    warmup_steps: int = 50
-    lr: float = 1.5e-3
-    min_lr: float = 1e-4
+    steps: int = 2000
+    warmup_steps: int = 30
+    lr: float = 3e-4
+    min_lr: float = 3e-5
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -214,9 +226,19 @@ def write_eval_text(files: list[SourceFile], path: Path) -> None:
             f.write(json.dumps({"package": src.package, "path": src.path, "text": src.text}) + "\n")
 
 
-def train(recipe: Recipe, out: Path, data_out: Path, cache: Path, compile_model: bool, save_every: int) -> None:
-    torch.manual_seed(recipe.seed)
-    t_start = time.time()
+@dataclass
+class TrainingData:
+    """Everything the workers need, prepared once in the parent process."""
+
+    windows: Tensor  # [N, seq_len + 1] training windows, read in one seeded order
+    val_windows: Tensor  # [16, seq_len + 1] a fixed sample of the validation packages' windows
+    tokenizer_model: bytes
+    eos_id: int
+    base_state: dict[str, Tensor] | None  # the warm start's weights
+    record: dict  # the "training" record that goes into config.json
+
+
+def prepare(recipe: Recipe, data_out: Path, cache: Path) -> TrainingData:
     corpus = build_corpus(cache)
     print(corpus.summary())
     write_eval_text(corpus.evaluation, data_out / "demo_heldout.jsonl")
@@ -231,59 +253,133 @@ def train(recipe: Recipe, out: Path, data_out: Path, cache: Path, compile_model:
           f"({sum(map(len, train_texts)) / num_train_tokens:.2f} chars/token)")
 
     windows = make_windows(train_docs, recipe.seq_len)
-    # A fixed sample of validation windows (whole held-out packages), the same at every evaluation.
     val_windows = make_windows(val_docs, recipe.seq_len)
     val_windows = val_windows[torch.randperm(len(val_windows), generator=torch.Generator().manual_seed(0))[:16]]
     pad_fraction = (windows[:, 1:] == IGNORE).float().mean().item()
     print(f"{len(windows)} training windows of {recipe.seq_len} tokens ({pad_fraction:.1%} padding); "
           f"{recipe.steps * recipe.batch_size / len(windows):.2f} epochs")
-
-    model = Megalodon(recipe.model_config())
-    init_weights(model, seed=recipe.seed)
-    if base:
-        result = model.load_state_dict(base[0], strict=False)
-        if result.unexpected_keys or set(result.missing_keys) != {"output.output.weight"}:  # tied: stored once
-            raise RuntimeError(f"base model does not fit the recipe's shape: {result}")
-        model.output.output.weight = model.embed.weight
-    model.train()
-    print(f"model: {model.num_parameters():,} parameters")
-    optimizer = make_optimizer(model, recipe)
-    loss_fn = torch.compile(sequence_loss) if compile_model else sequence_loss
-    order = torch.Generator().manual_seed(recipe.seed)
-    perm, cursor = torch.randperm(len(windows), generator=order), 0
     record = {"recipe": dataclasses.asdict(recipe), "python": platform.python_version(),
               "torch": torch.__version__, "packages": corpus.packages,
               "validation_packages": sorted({f.package for f in corpus.validation}),
               "evaluation_packages": sorted({f.package for f in corpus.evaluation}),
               "num_train_files": len(corpus.train), "num_train_tokens": num_train_tokens}
+    return TrainingData(windows, val_windows, tokenizer_model, sp.eos_id(), base[0] if base else None, record)
+
+
+def build_model(recipe: Recipe, base_state: dict[str, Tensor] | None) -> Megalodon:
+    model = Megalodon(recipe.model_config())
+    init_weights(model, seed=recipe.seed)
+    if base_state is not None:
+        result = model.load_state_dict(base_state, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) != {"output.output.weight"}:  # tied: stored once
+            raise RuntimeError(f"base model does not fit the recipe's shape: {result}")
+        model.output.output.weight = model.embed.weight
+    model.train()
+    return model
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce the gradients as one flat buffer (one message per step, not one per tensor)."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def train_worker(rank: int, world_size: int, port: int, data: TrainingData, recipe: Recipe, out: Path,
+                 compile_model: bool, save_every: int, threads: int = 1) -> None:
+    """One data-parallel worker: every worker reads the same seeded window order and takes its share
+    of each batch, gradients are averaged, so all workers hold the same weights. Rank 0 reports,
+    validates and saves."""
+    torch.set_num_threads(threads)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe, data.base_state)
+    params = list(model.parameters())
+    if rank == 0:
+        print(f"model: {model.num_parameters():,} parameters; {world_size} data-parallel worker(s)")
+    optimizer = make_optimizer(model, recipe)
+    loss_fn = torch.compile(sequence_loss) if compile_model else sequence_loss
+    windows, record = data.windows, dict(data.record)
+    order = torch.Generator().manual_seed(recipe.seed)
+    perm, cursor = torch.randperm(len(windows), generator=order), recipe.skip_windows
     tokens_per_step = recipe.batch_size * recipe.seq_len
     ema_loss = None
-    bar = tqdm(range(recipe.steps), desc="train", unit="step", dynamic_ncols=True, mininterval=5.0)
+    bar = tqdm(range(recipe.steps), desc="train", unit="step", dynamic_ncols=True, mininterval=5.0,
+               disable=rank != 0)
     t_train = time.time()
     for step in bar:
         if cursor + recipe.batch_size > len(perm):
             perm, cursor = torch.randperm(len(windows), generator=order), 0
-        batch = windows[perm[cursor:cursor + recipe.batch_size]]
+        batch = windows[perm[cursor:cursor + recipe.batch_size][rank::world_size]]
         cursor += recipe.batch_size
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
-        loss = loss_fn(model, batch, sp.eos_id())
+        loss = loss_fn(model, batch, data.eos_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        if world_size > 1:
+            average_gradients(params, world_size)
+            loss = loss.detach().clone()  # the batch's mean loss, for the report
+            dist.all_reduce(loss)
+            loss /= world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
+        if rank != 0:
+            continue
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         elapsed = time.time() - t_train
         bar.set_postfix(loss=f"{ema_loss:.3f}", gnorm=f"{grad_norm:.2f}", lr=f"{lr_at(step, recipe):.1e}",
                         tok_s=f"{(step + 1) * tokens_per_step / elapsed:.0f}")
         if (step + 1) % save_every == 0 or step + 1 == recipe.steps:
-            val = validation_loss(model, val_windows, sp.eos_id(), recipe.batch_size)
+            val = validation_loss(model, data.val_windows, data.eos_id, recipe.batch_size)
             record.update(steps_done=step + 1, train_loss_ema=round(ema_loss, 4), val_loss=round(val, 4),
-                          train_minutes=round(elapsed / 60, 1))
+                          train_minutes=round(elapsed / 60, 1), data_parallel_workers=world_size)
             tqdm.write(f"step {step + 1}: train loss (EMA) {ema_loss:.3f}, held-out loss {val:.3f} "
                        f"(ppl {math.exp(val):.2f}), {elapsed / 60:.1f} min")
-            save_demo(model, out, tokenizer_model, record)
+            save_demo(model, out, data.tokenizer_model, record)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def train(recipe: Recipe, out: Path, data_out: Path, cache: Path, compile_model: bool, save_every: int,
+          workers: int) -> None:
+    if recipe.batch_size % workers:
+        raise SystemExit(f"--workers {workers} must divide the batch size {recipe.batch_size}")
+    t_start = time.time()
+    data = prepare(recipe, data_out, cache)
+    # The cores split between the workers: on 2 cores, two single-threaded workers train 1.3x faster
+    # than one two-threaded process (~2,250 vs ~1,690 tokens/s; the model's ops are too small to
+    # split well across threads).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    if workers == 1:
+        train_worker(0, 1, 0, data, recipe, out, compile_model, save_every, threads)
+    else:
+        with socket.socket() as s:  # a free port for the workers' rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(train_worker, args=(workers, port, data, recipe, out, compile_model, save_every, threads),
+                 nprocs=workers)
     print(f"done in {(time.time() - t_start) / 60:.1f} min; wrote {out}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`field=value` -> (field, value typed like the field's default), for `--set`."""
+    name, _, value = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    if name not in fields:
+        raise SystemExit(f"--set: Recipe has no field {name!r} (fields: {', '.join(fields)})")
+    default = fields[name].default
+    if default is None or isinstance(default, str):
+        return name, None if value == "None" else value
+    if isinstance(default, tuple):
+        return name, tuple(float(v) for v in value.split(","))
+    return name, type(default)(value)
 
 
 def main() -> None:
@@ -297,10 +393,13 @@ def main() -> None:
     # Compiled training gives eager's losses (CEMA's parallel form stays eager: see
     # kernels/reference.py) at 1.4x the speed, after ~100 s of compilation.
     parser.add_argument("--eager", action="store_true", help="do not torch.compile the training loss")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data-parallel worker processes sharing the cores (must divide the batch size)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one Recipe field, for pilot runs (e.g. --set lr=3e-3)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    train(Recipe(steps=args.steps), args.out, args.data_out, args.cache, not args.eager, args.save_every)
+    recipe = dataclasses.replace(Recipe(steps=args.steps), **dict(map(parse_override, args.set)))
+    train(recipe, args.out, args.data_out, args.cache, not args.eager, args.save_every, args.workers)
 
 
 if __name__ == "__main__":
