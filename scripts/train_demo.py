@@ -11,7 +11,7 @@ wheel kept out for evaluation). Everything is seeded and runs on a laptop CPU. I
 
 and saves the model every `save_every` steps, so an interrupted run is still usable.
 
-    python scripts/train_demo.py                   # the committed model (~46 min on 2 cores)
+    python scripts/train_demo.py                   # the committed model (~51 min on 2 cores)
     python scripts/train_demo.py --steps 20 --out /tmp/demo --data-out /tmp/demo-data   # smoke test
 """
 
@@ -59,7 +59,7 @@ class Recipe:
     # Warm start: the weights and tokenizer of the demo model committed at this git revision,
     # continued here. None trains from scratch with a new tokenizer. The chain, each link's recipe in
     # its config.json: v1 (e9bdf43) 1500 steps on the stdlib only; v2 (87cf7af) 500 steps on this
-    # corpus; v3 (77d68d4) 1200 more; this model, 2000 more. On 2 cores (~2,250 tokens/s compiled,
+    # corpus; v3 (77d68d4) 1200 more; this model, 2000 more. On 2 cores (~2,700 tokens/s compiled,
     # two workers) a from-scratch model would see under half of the chain's 21M tokens in this time.
     init_from_rev: str | None = "77d68d4"
     # The training windows are read in one seeded order; a continuation starts past the ones the
@@ -352,9 +352,9 @@ def train(recipe: Recipe, out: Path, data_out: Path, cache: Path, compile_model:
         raise SystemExit(f"--workers {workers} must divide the batch size {recipe.batch_size}")
     t_start = time.time()
     data = prepare(recipe, data_out, cache)
-    # The cores split between the workers: on 2 cores, two single-threaded workers train 1.3x faster
-    # than one two-threaded process (~2,250 vs ~1,690 tokens/s; the model's ops are too small to
-    # split well across threads).
+    # The cores split between the workers: on 2 cores, two single-threaded workers train faster than
+    # one two-threaded process (this model's run averaged 2,745 tokens/s; v3's, one process, ~1,700:
+    # the model's ops are too small to split well across threads).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // workers)
     if workers == 1:
