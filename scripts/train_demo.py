@@ -62,9 +62,6 @@ class Recipe:
     # corpus; v3 (77d68d4) 1200 more; this model, 2000 more. On 2 cores (~2,700 tokens/s compiled,
     # two workers) a from-scratch model would see under half of the chain's 21M tokens in this time.
     init_from_rev: str | None = "77d68d4"
-    # The training windows are read in one seeded order; a continuation starts past the ones the
-    # previous link read in that same order (v3: 1200 steps x 4), so it only sees new text.
-    skip_windows: int = 4800
     # A seeded sample of the training files of about this much text is encoded: all of them here
     # (76 MB); the steps read batch_size * seq_len * steps ~ 8M tokens of its 25.7M.
     train_text_bytes: int = 100_000_000
@@ -213,10 +210,25 @@ def sample_texts(texts: list[str], max_bytes: int, seed: int) -> list[str]:
     return kept
 
 
-def base_model(rev: str) -> tuple[dict[str, Tensor], bytes]:
-    """(state dict, tokenizer.model) of the demo model committed at git revision `rev`."""
+def base_model(rev: str) -> tuple[dict[str, Tensor], bytes, dict]:
+    """(state dict, tokenizer.model, "training" record) of the demo model committed at git revision `rev`."""
     return (safetensors.torch.load(committed_demo_file(rev, "model.safetensors")),
-            committed_demo_file(rev, "tokenizer.model"))
+            committed_demo_file(rev, "tokenizer.model"),
+            json.loads(committed_demo_file(rev, "config.json"))["training"])
+
+
+def first_unread_window(base_record: dict | None, recipe: Recipe, num_train_tokens: int, num_windows: int) -> int:
+    """Where a continuation starts in the seeded window order: past the windows its base read, so it
+    only sees new text. The base read the same order only if it was cut from the same text the same
+    way; and a base that went past an epoch leaves nothing unread in the first order."""
+    if base_record is None:
+        return 0
+    base = base_record["recipe"]
+    if (base["seed"], base["seq_len"], base["train_text_bytes"], base_record["num_train_tokens"]) != (
+            recipe.seed, recipe.seq_len, recipe.train_text_bytes, num_train_tokens):
+        return 0
+    read = base_record.get("first_window", 0) + base_record["steps_done"] * base["batch_size"]
+    return read if read + recipe.batch_size <= num_windows else 0
 
 
 def write_eval_text(files: list[SourceFile], path: Path) -> None:
@@ -231,6 +243,7 @@ class TrainingData:
     """Everything the workers need, prepared once in the parent process."""
 
     windows: Tensor  # [N, seq_len + 1] training windows, read in one seeded order
+    first_window: int  # where in that order this run starts (see first_unread_window)
     val_windows: Tensor  # [16, seq_len + 1] a fixed sample of the validation packages' windows
     tokenizer_model: bytes
     eos_id: int
@@ -256,14 +269,17 @@ def prepare(recipe: Recipe, data_out: Path, cache: Path) -> TrainingData:
     val_windows = make_windows(val_docs, recipe.seq_len)
     val_windows = val_windows[torch.randperm(len(val_windows), generator=torch.Generator().manual_seed(0))[:16]]
     pad_fraction = (windows[:, 1:] == IGNORE).float().mean().item()
+    first_window = first_unread_window(base[2] if base else None, recipe, num_train_tokens, len(windows))
     print(f"{len(windows)} training windows of {recipe.seq_len} tokens ({pad_fraction:.1%} padding); "
-          f"{recipe.steps * recipe.batch_size / len(windows):.2f} epochs")
+          f"{recipe.steps * recipe.batch_size / len(windows):.2f} epochs from window {first_window}")
     record = {"recipe": dataclasses.asdict(recipe), "python": platform.python_version(),
               "torch": torch.__version__, "packages": corpus.packages,
               "validation_packages": sorted({f.package for f in corpus.validation}),
               "evaluation_packages": sorted({f.package for f in corpus.evaluation}),
-              "num_train_files": len(corpus.train), "num_train_tokens": num_train_tokens}
-    return TrainingData(windows, val_windows, tokenizer_model, sp.eos_id(), base[0] if base else None, record)
+              "num_train_files": len(corpus.train), "num_train_tokens": num_train_tokens,
+              "first_window": first_window}
+    return TrainingData(windows, first_window, val_windows, tokenizer_model, sp.eos_id(),
+                        base[0] if base else None, record)
 
 
 def build_model(recipe: Recipe, base_state: dict[str, Tensor] | None) -> Megalodon:
@@ -306,7 +322,7 @@ def train_worker(rank: int, world_size: int, port: int, data: TrainingData, reci
     loss_fn = torch.compile(sequence_loss) if compile_model else sequence_loss
     windows, record = data.windows, dict(data.record)
     order = torch.Generator().manual_seed(recipe.seed)
-    perm, cursor = torch.randperm(len(windows), generator=order), recipe.skip_windows
+    perm, cursor = torch.randperm(len(windows), generator=order), data.first_window
     tokens_per_step = recipe.batch_size * recipe.seq_len
     ema_loss = None
     bar = tqdm(range(recipe.steps), desc="train", unit="step", dynamic_ncols=True, mininterval=5.0,
@@ -360,12 +376,16 @@ def train(recipe: Recipe, out: Path, data_out: Path, cache: Path, compile_model:
     if workers == 1:
         train_worker(0, 1, 0, data, recipe, out, compile_model, save_every, threads)
     else:
-        with socket.socket() as s:  # a free port for the workers' rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(train_worker, args=(workers, port, data, recipe, out, compile_model, save_every, threads),
+        mp.spawn(train_worker, args=(workers, free_port(), data, recipe, out, compile_model, save_every, threads),
                  nprocs=workers)
     print(f"done in {(time.time() - t_start) / 60:.1f} min; wrote {out}")
+
+
+def free_port() -> int:
+    """A free local port, for the workers' rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_override(text: str) -> tuple[str, object]:

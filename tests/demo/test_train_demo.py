@@ -3,17 +3,25 @@ overrides of the recipe are typed like the recipe's fields."""
 
 from __future__ import annotations
 
-import socket
+import dataclasses
 
 import pytest
 import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 
-from scripts.train_demo import Recipe, TrainingData, build_model, parse_override, train_worker
+from scripts.train_demo import (
+    Recipe,
+    TrainingData,
+    build_model,
+    first_unread_window,
+    free_port,
+    parse_override,
+    train_worker,
+)
 from tools.demo_scoring import demo_model_dir
 
-TINY = Recipe(init_from_rev=None, skip_windows=2, num_layers=1, model_dim=32, z_dim=16, value_dim=64,
+TINY = Recipe(init_from_rev=None, num_layers=1, model_dim=32, z_dim=16, value_dim=64,
               ffn_hidden_dim=64, cema_ndim=2, chunk_size=8, norm_num_groups=4, seq_len=32, batch_size=4,
               steps=3, warmup_steps=1, lr=1e-2)
 
@@ -23,14 +31,8 @@ def tiny_data() -> TrainingData:
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(3, TINY.vocab_size, (24, TINY.seq_len + 1), generator=g)
     val_windows = torch.randint(3, TINY.vocab_size, (4, TINY.seq_len + 1), generator=g)
-    return TrainingData(windows, val_windows, tokenizer_model, eos_id=2, base_state=None,
+    return TrainingData(windows, 2, val_windows, tokenizer_model, eos_id=2, base_state=None,
                         record={"recipe": "tiny"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -57,3 +59,16 @@ def test_recipe_overrides_are_typed_like_the_fields():
     assert parse_override("betas=0.9,0.99") == ("betas", (0.9, 0.99))
     with pytest.raises(SystemExit, match="no field 'learning_rate'"):
         parse_override("learning_rate=1e-3")
+
+
+def test_a_continuation_starts_past_the_windows_its_base_read():
+    recipe = Recipe()
+    base = {"recipe": {"seed": recipe.seed, "seq_len": recipe.seq_len, "train_text_bytes": recipe.train_text_bytes,
+                       "batch_size": 4},
+            "num_train_tokens": 1000, "steps_done": 1200}
+    assert first_unread_window(base, recipe, 1000, 30_000) == 4800  # v3's record: no first_window, started at 0
+    assert first_unread_window({**base, "first_window": 4800, "steps_done": 2000}, recipe, 1000, 30_000) == 12_800
+    assert first_unread_window(base, recipe, 999, 30_000) == 0  # other text: another window order
+    assert first_unread_window(base, dataclasses.replace(recipe, seed=7), 1000, 30_000) == 0
+    assert first_unread_window(base, recipe, 1000, 4802) == 0  # the base read (nearly) a whole epoch
+    assert first_unread_window(None, recipe, 1000, 30_000) == 0
